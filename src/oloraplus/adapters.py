@@ -1,0 +1,153 @@
+"""Adapter inits (thin-QR OLoRA, PiSSA, gaussian) on PEFT's LoRA layers, and saving for the original base.
+
+OLoRA+ needs no new tuner: PEFT's LoRA layers carry the adapter; this module only
+chooses their starting values (and, for OLoRA/PiSSA, the matching base weights).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import PreTrainedModel
+
+from oloraplus.errors import OLoRAPlusError
+
+ADAPTER = "default"
+
+
+@torch.no_grad()
+def olora_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, A) of OLoRA from a thin QR of W's first r columns, in float32.
+
+    Householder QR builds Q's j-th column from W's first j columns only, so the
+    first r columns of Q from qr(W) equal Q from qr(W[:, :r]); and since W = QR
+    with orthonormal Q, R's first r rows are Q_rᵀ·W. Cost O(out·r² + r·out·in)
+    instead of a full QR's O(out·in·min(out, in)).
+    """
+    w = weight.detach().float()
+    q, _ = torch.linalg.qr(w[:, :rank], mode="reduced")
+    return q.contiguous(), (q.T @ w).contiguous()
+
+
+def default_target_modules(model: nn.Module) -> list[str]:
+    """Every nn.Linear leaf name (attention and MLP projections), never the output head."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and module is not output
+    }
+    if not names:
+        raise OLoRAPlusError("found no linear layers to adapt; pass target_modules explicitly")
+    return sorted(names)
+
+
+def check_targets(model: nn.Module, targets: list[str], rank: int) -> None:
+    """Each target must name a linear layer of the model, and fit the rank."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    found: dict[str, list[tuple[str, nn.Linear]]] = {t: [] for t in targets}
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in found and isinstance(module, nn.Linear):
+            found[leaf].append((name, module))
+    missing = [t for t, hits in found.items() if not hits]
+    if missing:
+        raise OLoRAPlusError(f"target module(s) not in the model: {', '.join(missing)}")
+    for hits in found.values():
+        for name, module in hits:
+            if module is output:
+                raise OLoRAPlusError(f"target '{name}' is the output head; adapt attention/MLP projections instead")
+            limit = min(module.in_features, module.out_features)
+            if rank > limit:
+                raise OLoRAPlusError(
+                    f"rank {rank} is too large for '{name}' ({module.out_features}x{module.in_features}): at most {limit}"
+                )
+
+
+def lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer) and ADAPTER in m.lora_A]
+
+
+@torch.no_grad()
+def apply_olora(model: nn.Module) -> None:
+    """B = Q_r, A = R_r, W <- W - (alpha/r)·B·A: outputs unchanged at step 0."""
+    for _, layer in lora_layers(model):
+        base = layer.get_base_layer()
+        r, scale = layer.r[ADAPTER], layer.scaling[ADAPTER]
+        b, a = olora_factors(base.weight, r)
+        layer.lora_A[ADAPTER].weight.data = a.to(layer.lora_A[ADAPTER].weight.dtype)
+        layer.lora_B[ADAPTER].weight.data = b.to(layer.lora_B[ADAPTER].weight.dtype)
+        base.weight.data = (base.weight.float() - scale * (b @ a)).to(base.weight.dtype)
+
+
+def attach_adapter(
+    model: PreTrainedModel,
+    init: str,
+    rank: int,
+    alpha: float,
+    dropout: float,
+    target_modules: list[str] | None,
+) -> PeftModel:
+    """Wrap `model` with a LoRA adapter and initialize it by `init` (call set_seed first for gaussian)."""
+    targets = list(target_modules) if target_modules else default_target_modules(model)
+    check_targets(model, targets, rank)
+    peft_init: bool | str = {"gaussian": "gaussian", "pissa": "pissa", "olora": True}[init]
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=targets,
+        init_lora_weights=peft_init,
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, config)
+    if init == "olora":  # thin QR instead of PEFT's full QR: same factors, a fraction of the time
+        apply_olora(peft_model)
+    return peft_model
+
+
+def adapter_snapshot(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Copies of each layer's (A, B), keyed by module name: the start point for dynamics and conversion."""
+    return {
+        name: (layer.lora_A[ADAPTER].weight.detach().float().clone(), layer.lora_B[ADAPTER].weight.detach().float().clone())
+        for name, layer in lora_layers(model)
+    }
+
+
+def save_adapter(model: PeftModel, out_dir: str | Path, init: str, initial: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Save in PEFT format so it applies to the ORIGINAL base model.
+
+    OLoRA and PiSSA subtract s·B₀A₀ from the base weights. On the original base the
+    fine-tuned delta is s·(BA − B₀A₀) = s·[B, −B₀]·[A; A₀]: a rank-2r LoRA with the
+    same scale (alpha doubled with r). PEFT's path_initial_model_for_weight_conversion
+    does the same; we hold A₀, B₀ already, so we write the result directly.
+    """
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    if init == "gaussian":  # B₀ = 0: the base is untouched, nothing to convert
+        return
+    weights_file = out_dir / "adapter_model.safetensors"
+    state = load_file(weights_file)
+    converted = {}
+    for key, tensor in state.items():
+        module = key.rsplit(".lora_", 1)[0]
+        a0, b0 = initial[module]
+        if ".lora_A." in key:
+            converted[key] = torch.cat([tensor.float(), a0], dim=0).contiguous()
+        elif ".lora_B." in key:
+            converted[key] = torch.cat([tensor.float(), -b0], dim=1).contiguous()
+        else:
+            converted[key] = tensor
+    save_file(converted, weights_file, metadata={"format": "pt"})
+    config_file = out_dir / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["r"] = 2 * config["r"]
+    config["lora_alpha"] = 2 * config["lora_alpha"]
+    config["init_lora_weights"] = True
+    config_file.write_text(json.dumps(config, indent=2) + "\n")

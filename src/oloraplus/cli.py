@@ -1,0 +1,191 @@
+"""`oloraplus train | evaluate | compare | report`.
+
+Every run option is a flag built from the config dataclasses (so --help lists them
+all with their meaning); a YAML file (--config) or a preset gives the starting
+values, flags override them. User errors print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.resources
+import sys
+import warnings
+from typing import Any, Sequence
+
+from oloraplus.config import SECTIONS, flat_fields
+from oloraplus.errors import OLoRAPlusError
+
+PRESETS = ("quick", "paper-cpu", "paper")
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    for section in SECTIONS:
+        group = parser.add_argument_group(f"{section} options")
+        for name, (sec, f) in flat_fields().items():
+            if sec != section:
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else "see above"
+            group.add_argument(
+                f"--{name}",
+                dest=name,
+                default=argparse.SUPPRESS,
+                metavar=name.split("_")[-1].upper(),
+                help=f"{f.metadata['help']} [default: {default}]",
+            )
+
+
+def _overrides(ns: argparse.Namespace) -> dict[str, Any]:
+    flat = flat_fields()
+    out = {k: v for k, v in vars(ns).items() if k in flat}
+    if getattr(ns, "output_dir", None):
+        out["output_dir"] = ns.output_dir
+    return out
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    from oloraplus.config import load_yaml
+
+    if name not in PRESETS:
+        raise OLoRAPlusError(f"unknown preset '{name}' (known: {', '.join(PRESETS)})")
+    with importlib.resources.as_file(importlib.resources.files("oloraplus") / "presets" / f"{name}.yaml") as p:
+        return load_yaml(p)
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k].update(v)
+        else:
+            out[k] = v
+    return out
+
+
+def _study_file_data(ns: argparse.Namespace) -> dict[str, Any]:
+    from oloraplus.config import load_yaml
+
+    data: dict[str, Any] = {}
+    if ns.preset:
+        data = load_preset(ns.preset)
+    if ns.config:
+        data = _merge(data, load_yaml(ns.config))
+    return data
+
+
+# ---------------------------------------------------------------- commands
+def cmd_train(ns: argparse.Namespace) -> int:
+    from oloraplus.config import load_config
+    from oloraplus.train import run_training
+
+    cfg = load_config(ns.config, _overrides(ns))
+    metrics = run_training(cfg, overwrite=ns.overwrite)
+    _print_metrics(cfg.output_dir, metrics)
+    return 0
+
+
+def _print_metrics(where: str, metrics: dict[str, Any]) -> None:
+    keys = ("status", "eval_loss", "val_loss", "bleu", "rouge1", "rouge2", "rougeL", "train_tokens_per_s", "train_seconds")
+    shown = {k: metrics[k] for k in keys if k in metrics}
+    print(f"\n{where}:")
+    for k, v in shown.items():
+        print(f"  {k:<20} {v:.4f}" if isinstance(v, float) else f"  {k:<20} {v}")
+
+
+def cmd_evaluate(ns: argparse.Namespace) -> int:
+    from oloraplus.evaluate import evaluate_run
+
+    metrics, out = evaluate_run(ns.run_dir, ns.config, _overrides(ns), ns.eval_dir)
+    _print_metrics(str(out), metrics)
+    return 0
+
+
+def cmd_compare(ns: argparse.Namespace) -> int:
+    from oloraplus.config import build_config
+    from oloraplus.study import build_grid, format_table, run_study
+
+    data = _study_file_data(ns)
+    grid_data = data.pop("grid", {}) or {}
+    study_dir = ns.study_dir or data.pop("study_dir", None) or f"studies/{ns.preset or 'study'}"
+    data.pop("study_dir", None)
+    grid = build_grid(
+        grid_data,
+        {"methods": ns.methods, "lr_ratios": ns.lr_ratios, "seeds": ns.seeds, "lrs": ns.lrs, "baseline": ns.baseline},
+    )
+    base = build_config(data, _overrides(ns), source=ns.config or (f"preset {ns.preset}" if ns.preset else "config"))
+    rows = run_study(study_dir, base, grid)
+    print("\n" + format_table(rows))
+    if not ns.no_report:
+        from oloraplus.report import write_report
+
+        paths = write_report(study_dir)
+        print(f"\nreport: {paths[0]}")
+    return 0
+
+
+def cmd_report(ns: argparse.Namespace) -> int:
+    from oloraplus.report import write_report
+
+    paths = write_report(ns.study_dir)
+    print("\n".join(str(p) for p in paths))
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="oloraplus",
+        description="Fine-tune causal LMs with OLoRA+ (OLoRA init + LoRA+ learning rates) and compare it with its parents.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="fine-tune one adapter, evaluate it, save the run folder")
+    p.add_argument("--config", help="YAML config (sections: model, data, adapter, train, eval; output_dir)")
+    p.add_argument("--output_dir", help="run folder [default: runs/latest]")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished run in output_dir")
+    _add_run_options(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate a run's saved adapter on the ORIGINAL base model (or the base alone)")
+    p.add_argument("run_dir", nargs="?", help="a run folder from `train` (omit to evaluate the base model itself)")
+    p.add_argument("--config", help="YAML config (default: the run folder's config.yaml)")
+    p.add_argument("--eval_dir", help="where to write metrics.json and predictions.jsonl [default: RUN_DIR/evaluation]")
+    _add_run_options(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("compare", help="a grid of methods x lambda x lr x seeds on one split; table and report")
+    p.add_argument("--preset", choices=PRESETS, help="quick | paper-cpu | paper (see the README)")
+    p.add_argument("--config", help="YAML config; a 'grid' section sets methods, lr_ratios, seeds, lrs, baseline")
+    p.add_argument("--study_dir", help="study folder (resumable) [default: studies/PRESET]")
+    p.add_argument("--methods", help="comma-separated methods, e.g. olora,olora+ [default: olora,olora+]")
+    p.add_argument("--lr_ratios", help="comma-separated lambdas for '+' methods, e.g. 1/16,1/4,4,16")
+    p.add_argument("--seeds", help="comma-separated training seeds [default: 0,1,2]")
+    p.add_argument("--lrs", help="comma-separated base learning rates [default: --lr]")
+    p.add_argument("--baseline", help="method the others are compared with [default: olora]")
+    p.add_argument("--no_report", action="store_true", help="skip writing the report at the end")
+    _add_run_options(p)
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("report", help="write report.md/html, results.csv/json and plots for a study folder")
+    p.add_argument("study_dir", help="a folder made by `compare`")
+    p.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation chatter, not ours to act on
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        return ns.func(ns)
+    except OLoRAPlusError as e:
+        print(f"oloraplus: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("oloraplus: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""Evaluation: per-example eval loss, batched greedy generation, corpus BLEU and ROUGE-1/2/L.
+
+Per-example numbers (loss, ROUGE, BLEU sufficient statistics) are kept so the
+report can run a paired bootstrap over test examples without recomputing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import sacrebleu
+import torch
+import torch.nn.functional as F
+from rouge_score import rouge_scorer
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from oloraplus.data import IGNORE_INDEX, PadCollator, prompt_ids, tokenize_example
+
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
+
+
+def autocast_context(model: torch.nn.Module, bf16: bool) -> contextlib.AbstractContextManager:
+    device = next(model.parameters()).device.type
+    return torch.autocast(device_type=device, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def _length_batches(lengths: list[int], batch_size: int) -> Iterator[list[int]]:
+    """Indices sorted longest first, so each batch pads little (and memory peaks at once, not late)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    for start in range(0, len(order), batch_size):
+        yield order[start : start + batch_size]
+
+
+@torch.no_grad()
+def example_losses(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    records: list[dict[str, str]],
+    max_length: int,
+    batch_size: int,
+    bf16: bool = False,
+) -> list[tuple[float, int]]:
+    """(summed response-token loss, response tokens) per record; (nan, 0) where truncation left none."""
+    model.eval()
+    device = next(model.parameters()).device
+    examples = [tokenize_example(tokenizer, r, max_length) for r in records]
+    out: list[tuple[float, int]] = [(math.nan, 0)] * len(records)
+    kept = [i for i, ex in enumerate(examples) if ex is not None]
+    collate = PadCollator(tokenizer.pad_token_id)
+    for batch_ids in _length_batches([examples[i]["length"] for i in kept], batch_size):
+        idx = [kept[j] for j in batch_ids]
+        batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx]).items()}
+        with autocast_context(model, bf16):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]
+        mask = labels != IGNORE_INDEX
+        # only the response positions go through the float32 cross-entropy
+        token_loss = F.cross_entropy(logits[:, :-1][mask].float(), labels[mask], reduction="none")
+        row = mask.nonzero()[:, 0]
+        sums = torch.zeros(len(idx), device=device).index_add_(0, row, token_loss)
+        counts = mask.sum(1)
+        for k, i in enumerate(idx):
+            out[i] = (float(sums[k]), int(counts[k]))
+    return out
+
+
+def corpus_loss(losses: list[tuple[float, int]]) -> float:
+    """Token-weighted mean: the eval loss a Trainer reports for the same tokens."""
+    total = sum(s for s, n in losses if n)
+    count = sum(n for _, n in losses)
+    return total / count if count else math.nan
+
+
+@torch.no_grad()
+def generate_answers(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    records: list[dict[str, str]],
+    max_new_tokens: int,
+    batch_size: int,
+    bf16: bool = False,
+    max_prompt_length: int = 1024,
+) -> tuple[list[str], int]:
+    """Greedy answers, batched with left padding and the KV cache; returns (answers, generated tokens)."""
+    model.eval()
+    device = next(model.parameters()).device
+    prompts = [prompt_ids(tokenizer, r)[-max_prompt_length:] for r in records]
+    pad = tokenizer.pad_token_id
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        use_cache=True,
+        pad_token_id=pad,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    answers: list[str] = [""] * len(records)
+    generated = 0
+    for idx in _length_batches([len(p) for p in prompts], batch_size):
+        width = max(len(prompts[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for k, i in enumerate(idx):
+            n = len(prompts[i])
+            ids[k, width - n :] = torch.tensor(prompts[i])
+            mask[k, width - n :] = 1
+        with autocast_context(model, bf16):
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
+        new = out[:, width:].cpu()
+        for k, i in enumerate(idx):
+            row = new[k].tolist()
+            if tokenizer.eos_token_id in row:  # everything after EOS is padding
+                row = row[: row.index(tokenizer.eos_token_id) + 1]
+            generated += len(row)
+            answers[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
+    return answers, generated
+
+
+def bleu_statistics(predictions: list[str], references: list[str]) -> list[list[int]]:
+    """Per-example sacreBLEU sufficient statistics; summing any subset gives that subset's corpus BLEU."""
+    return [list(map(int, s)) for s in sacrebleu.BLEU()._extract_corpus_statistics(predictions, [references])]
+
+
+def bleu_from_statistics(stats: list[list[int]]) -> float:
+    summed = [sum(col) for col in zip(*stats)]
+    return float(sacrebleu.BLEU()._compute_score_from_stats(summed).score)
+
+
+def rouge_per_example(predictions: list[str], references: list[str]) -> list[dict[str, float]]:
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+    return [
+        {k: float(v.fmeasure) for k, v in scorer.score(ref, pred).items()}
+        for pred, ref in zip(predictions, references)
+    ]
+
+
+def score_texts(predictions: list[str], references: list[str]) -> dict[str, Any]:
+    """Corpus BLEU (sacrebleu, 0-100) and mean ROUGE F1 (rouge-score with stemmer, 0-1)."""
+    rouge = rouge_per_example(predictions, references)
+    n = max(len(rouge), 1)
+    return {
+        "bleu": float(sacrebleu.corpus_bleu(predictions, [references]).score),
+        **{k: sum(r[k] for r in rouge) / n for k in ROUGE_TYPES},
+        "per_example": {"rouge": rouge, "bleu_stats": bleu_statistics(predictions, references)},
+    }
+
+
+def evaluate_model(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    records: list[dict[str, str]],
+    indices: list[int],
+    max_length: int,
+    batch_size: int,
+    max_new_tokens: int,
+    bf16: bool,
+    generate: bool = True,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Metrics and one prediction row per test record."""
+    t0 = time.perf_counter()
+    losses = example_losses(model, tokenizer, records, max_length, batch_size, bf16)
+    metrics: dict[str, Any] = {"eval_loss": corpus_loss(losses), "eval_loss_seconds": time.perf_counter() - t0}
+    rows = [
+        {
+            "index": idx,
+            "instruction": r["instruction"],
+            "input": r["input"],
+            "reference": r["output"],
+            "loss": (s / n) if n else None,
+            "loss_sum": s if n else None,
+            "n_tokens": n,
+        }
+        for idx, r, (s, n) in zip(indices, records, losses)
+    ]
+    if generate:
+        t1 = time.perf_counter()
+        answers, n_generated = generate_answers(model, tokenizer, records, max_new_tokens, batch_size, bf16)
+        gen_seconds = time.perf_counter() - t1
+        scores = score_texts(answers, [r["output"] for r in records])
+        metrics.update({k: scores[k] for k in ("bleu", *ROUGE_TYPES)})
+        metrics.update(
+            generation_seconds=gen_seconds,
+            generated_tokens=n_generated,
+            generation_tokens_per_s=n_generated / gen_seconds if gen_seconds else None,
+        )
+        for row, answer, rouge, stats in zip(
+            rows, answers, scores["per_example"]["rouge"], scores["per_example"]["bleu_stats"]
+        ):
+            row.update(prediction=answer, **rouge, bleu_stats=stats)
+    return metrics, rows
+
+
+def evaluate_run(
+    run_dir: str | None, config_path: str | None, overrides: dict[str, Any], eval_dir: str | None
+) -> tuple[dict[str, Any], Path]:
+    """`oloraplus evaluate`: the untouched base model plus a run's saved adapter (or the base alone) on the test split."""
+    from peft import PeftModel
+
+    from oloraplus.config import load_config
+    from oloraplus.errors import OLoRAPlusError
+    from oloraplus.fsutil import atomic_write_json, atomic_write_jsonl
+    from oloraplus.train import PreparedRun
+
+    if run_dir is not None:
+        run = Path(run_dir)
+        adapter = run / "adapter"
+        if not (adapter / "adapter_config.json").is_file():
+            raise OLoRAPlusError(f"{run} has no saved adapter (adapter/adapter_config.json)")
+        config_path = config_path or str(run / "config.yaml")
+        out = Path(eval_dir) if eval_dir else run / "evaluation"
+    else:
+        if not eval_dir:
+            raise OLoRAPlusError("evaluating the base model needs --eval_dir (where to write its results)")
+        out = Path(eval_dir)
+    cfg = load_config(config_path, overrides)
+    prep = PreparedRun(cfg)
+    model = prep.model
+    if run_dir is not None:
+        model = PeftModel.from_pretrained(model, str(Path(run_dir) / "adapter")).merge_and_unload()
+    test = [prep.records[i] for i in prep.split.test]
+    metrics, rows = evaluate_model(
+        model, prep.tokenizer, test, prep.split.test, cfg.data.max_length, cfg.eval.eval_batch_size,
+        cfg.eval.max_new_tokens, prep.bf16, generate=cfg.eval.generate,
+    )
+    metrics["status"] = "finished"
+    atomic_write_jsonl(out / "predictions.jsonl", rows)
+    atomic_write_json(out / "metrics.json", metrics)
+    return metrics, out

@@ -1,0 +1,259 @@
+"""One run, config to run folder: the Trainer glue, with callbacks for dynamics and divergence.
+
+A run folder holds config.yaml (first), then history.json, dynamics.jsonl,
+predictions.jsonl, train_loss.png, adapter/, and metrics.json LAST: a folder with
+metrics.json is a finished run; one without it is unfinished and gets redone.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+
+from oloraplus import adapters, plots
+from oloraplus.config import RunConfig
+from oloraplus.data import PadCollator, Split, load_records, split_indices, tokenize_records
+from oloraplus.errors import OLoRAPlusError
+from oloraplus.evaluate import evaluate_model, example_losses, corpus_loss
+from oloraplus.fsutil import atomic_write_json, atomic_write_jsonl, atomic_write_text
+from oloraplus.models import load_base
+from oloraplus.optim import loraplus_param_groups
+
+METRICS_FILE = "metrics.json"
+
+
+class OLoRAPlusTrainer(Trainer):
+    """Trainer whose optimizer has LoRA+ groups.
+
+    Overriding create_optimizer (rather than passing `optimizers=`) keeps the
+    DeepSpeed/FSDP paths, which call it themselves, working.
+    """
+
+    def __init__(self, *args: Any, lr_ratio: float = 1.0, **kwargs: Any):
+        self.lr_ratio = lr_ratio
+        super().__init__(*args, **kwargs)
+
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        if self.optimizer is None:
+            opt_model = self.model if model is None else model
+            decay = set(self.get_decay_parameter_names(opt_model))
+            groups = loraplus_param_groups(
+                opt_model, self.args.learning_rate, self.lr_ratio, self.args.weight_decay, decay
+            )
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+
+class DynamicsCallback(TrainerCallback):
+    """Every k steps: mean ‖A−A₀‖_F, mean ‖B−B₀‖_F, and how far B left span(B₀): ‖(I−P₀)B‖_F/‖B‖_F."""
+
+    def __init__(self, initial: dict[str, tuple[torch.Tensor, torch.Tensor]], every: int):
+        self.every = every
+        self.initial = initial
+        # an orthonormal basis of span(B₀); None where B₀ = 0 (gaussian LoRA: no initial span)
+        self.basis = {
+            name: (torch.linalg.qr(b0).Q if b0.abs().sum() > 0 else None) for name, (_, b0) in initial.items()
+        }
+        self.rows: list[dict[str, float | int | None]] = []
+
+    @torch.no_grad()
+    def record(self, model: torch.nn.Module, step: int) -> None:
+        d_a, d_b, drift = [], [], []
+        for name, layer in adapters.lora_layers(model):
+            a = layer.lora_A[adapters.ADAPTER].weight.float()
+            b = layer.lora_B[adapters.ADAPTER].weight.float()
+            a0, b0 = self.initial[name]
+            d_a.append(float(torch.linalg.norm(a - a0)))
+            d_b.append(float(torch.linalg.norm(b - b0)))
+            q = self.basis[name]
+            if q is not None:
+                residual = b - q @ (q.T @ b)
+                drift.append(float(torch.linalg.norm(residual) / torch.linalg.norm(b).clamp_min(1e-12)))
+        n = max(len(d_a), 1)
+        self.rows.append(
+            {
+                "step": step,
+                "dA": sum(d_a) / n,
+                "dB": sum(d_b) / n,
+                "drift": (sum(drift) / len(drift)) if drift else None,
+            }
+        )
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.record(model, 0)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every == 0:
+            self.record(model, state.global_step)
+
+
+class DivergenceCallback(TrainerCallback):
+    """Stop as soon as a logged training loss is NaN or infinite, and remember the step."""
+
+    def __init__(self) -> None:
+        self.diverged_step: int | None = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss) and self.diverged_step is None:
+            self.diverged_step = state.global_step
+            control.should_training_stop = True
+
+
+def bf16_supported() -> bool:
+    """bf16 pays only with native hardware support; on an AVX2-only CPU a bf16 matmul is ~300x slower than fp32."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def use_bf16(precision: str) -> bool:
+    if precision == "fp32":
+        return False
+    supported = bf16_supported()
+    if precision == "bf16" and not supported:
+        raise OLoRAPlusError("precision bf16 is not supported on this hardware (no native bf16 matmul); use fp32 or auto")
+    return supported
+
+
+def is_finished(run_dir: str | Path) -> bool:
+    return (Path(run_dir) / METRICS_FILE).is_file()
+
+
+class PreparedRun:
+    """Everything validated and loaded before a single file is written."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.records = load_records(cfg.data.source)
+        self.split: Split = split_indices(
+            len(self.records), cfg.data.n_train, cfg.data.n_test, cfg.data.val_fraction, cfg.data.split_seed, cfg.data.source
+        )
+        self.model, self.tokenizer = load_base(cfg.model.name, cfg.model.cache_dir)
+        targets = cfg.adapter.target_modules or adapters.default_target_modules(self.model)
+        adapters.check_targets(self.model, targets, cfg.adapter.rank)
+        self.bf16 = use_bf16(cfg.model.precision)
+
+
+def run_training(cfg: RunConfig, overwrite: bool = False, prepared: PreparedRun | None = None) -> dict[str, Any]:
+    """Train, evaluate and save one run; returns its metrics (also in run_dir/metrics.json)."""
+    out = Path(cfg.output_dir)
+    if is_finished(out) and not overwrite:
+        raise OLoRAPlusError(f"{out} already holds a finished run ({METRICS_FILE}); pick another output_dir or pass --overwrite")
+    prep = prepared or PreparedRun(cfg)
+    if out.exists():  # an unfinished (or overwritten) run: start clean so no stale file survives
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    atomic_write_text(out / "config.yaml", cfg.to_yaml())
+
+    tok = prep.tokenizer
+    split = prep.split
+    train_records = [prep.records[i] for i in split.train]
+    train_examples, dropped = tokenize_records(tok, train_records, cfg.data.max_length)
+    if not train_examples:
+        raise OLoRAPlusError(f"every training example is longer than max_length {cfg.data.max_length} before its answer")
+
+    import datasets
+
+    train_ds = datasets.Dataset.from_list(train_examples)
+    set_seed(cfg.train.seed)
+    model = adapters.attach_adapter(
+        prep.model, cfg.adapter.init, cfg.adapter.rank, cfg.adapter.alpha, cfg.adapter.dropout, cfg.adapter.target_modules
+    )
+    initial = adapters.adapter_snapshot(model)
+    dynamics = DynamicsCallback(initial, cfg.train.dynamics_every)
+    divergence = DivergenceCallback()
+    t = cfg.train
+    args = TrainingArguments(
+        output_dir=str(out),  # Trainer writes nothing here but TensorBoard logs (runs/), with saving off
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.lr,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        warmup_steps=t.warmup_ratio,
+        lr_scheduler_type=t.scheduler,
+        weight_decay=t.weight_decay,
+        logging_steps=t.logging_steps,
+        logging_nan_inf_filter=False,  # a NaN must reach DivergenceCallback, not be filtered out
+        save_strategy="no",
+        report_to=[] if t.report_to == "none" else [t.report_to],
+        bf16=prep.bf16,
+        use_cpu=not torch.cuda.is_available(),
+        seed=t.seed,
+        data_seed=t.seed,
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        length_column_name="length",
+        remove_unused_columns=False,
+        include_num_input_tokens_seen="non_padding",
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+    trainer = OLoRAPlusTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        data_collator=PadCollator(tok.pad_token_id),
+        processing_class=tok,
+        callbacks=[dynamics, divergence],
+        lr_ratio=cfg.adapter.ratio,
+    )
+    t0 = time.perf_counter()
+    trainer.train()
+    train_seconds = time.perf_counter() - t0
+    tokens = int(trainer.state.num_input_tokens_seen)
+    history = [dict(h) for h in trainer.state.log_history]
+    atomic_write_json(out / "history.json", history)
+    atomic_write_jsonl(out / "dynamics.jsonl", dynamics.rows)
+    plots.train_loss_curve(history, out / "train_loss.png", title=f"{cfg.adapter.method} λ={cfg.adapter.ratio:g}")
+
+    metrics: dict[str, Any] = {
+        "method": cfg.adapter.method,
+        "init": cfg.adapter.init,
+        "lr_ratio": cfg.adapter.ratio,
+        "lr": t.lr,
+        "seed": t.seed,
+        "n_train": len(train_examples),
+        "n_train_dropped": dropped,
+        "n_val": len(split.val),
+        "n_test": len(split.test),
+        "train_steps": trainer.state.global_step,
+        "train_seconds": train_seconds,
+        "train_tokens": tokens,
+        "train_tokens_per_s": tokens / train_seconds if train_seconds else None,
+        "precision": "bf16" if prep.bf16 else "fp32",
+        "final_train_loss": next((h["loss"] for h in reversed(history) if "loss" in h), None),
+    }
+    if divergence.diverged_step is not None:
+        metrics.update(status="diverged", diverged_step=divergence.diverged_step)
+        atomic_write_json(out / METRICS_FILE, metrics)
+        return metrics
+
+    adapters.save_adapter(model, out / "adapter", cfg.adapter.init, initial)
+    merged = model.merge_and_unload()  # one matmul per layer instead of three: faster generation
+    if split.val:
+        val = example_losses(merged, tok, [prep.records[i] for i in split.val], cfg.data.max_length, cfg.eval.eval_batch_size, prep.bf16)
+        metrics["val_loss"] = corpus_loss(val)
+    eval_metrics, rows = evaluate_model(
+        merged,
+        tok,
+        [prep.records[i] for i in split.test],
+        split.test,
+        cfg.data.max_length,
+        cfg.eval.eval_batch_size,
+        cfg.eval.max_new_tokens,
+        prep.bf16,
+        generate=cfg.eval.generate,
+    )
+    metrics.update(eval_metrics)
+    metrics["status"] = "finished" if math.isfinite(metrics["eval_loss"]) else "diverged"
+    atomic_write_jsonl(out / "predictions.jsonl", rows)
+    atomic_write_json(out / METRICS_FILE, metrics)  # last: marks the run finished
+    return metrics

@@ -1,0 +1,81 @@
+"""Shared fixtures: a tiny random Llama with a tokenizer trained in code (fast tests), and the real data."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+ALPACA = Path(os.environ.get("OLORAPLUS_DATA", REPO.parent / "shared" / "data" / "alpaca" / "alpaca_sample.json"))
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def _records() -> list[dict]:
+    return json.loads(ALPACA.read_text(encoding="utf-8"))
+
+
+def build_tokenizer(chat_template: bool = True):
+    """A 600-token byte-level BPE trained on the Alpaca sample: real text, tiny vocabulary, pad == eos."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    texts = [r["instruction"] + "\n" + r["input"] + "\n" + r["output"] for r in _records()[:400]]
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|im_end|>", bos_token="<|im_start|>"
+    )
+    if chat_template:
+        fast.chat_template = CHATML
+    return fast
+
+
+def build_tiny_llama(vocab_size: int, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False,
+        eos_token_id=2, pad_token_id=2, bos_token_id=1,
+    )
+    return LlamaForCausalLM(config)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A saved folder (the local-folder load path users take): tiny random Llama + ChatML tokenizer."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tok = build_tokenizer()
+    model = build_tiny_llama(len(tok))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def alpaca_path() -> Path:
+    if not ALPACA.is_file():
+        pytest.skip(f"Alpaca sample not found at {ALPACA} (set OLORAPLUS_DATA)")
+    return ALPACA
+
+
+@pytest.fixture()
+def small_data(tmp_path) -> Path:
+    """60 real Alpaca records in a temp file (tests never write into shared data)."""
+    path = tmp_path / "small.json"
+    path.write_text(json.dumps(_records()[:60]), encoding="utf-8")
+    return path

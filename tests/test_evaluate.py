@@ -1,0 +1,70 @@
+"""BLEU/ROUGE agree with the libraries; batched generation equals one-at-a-time greedy decoding."""
+
+import math
+
+import pytest
+import sacrebleu
+import torch
+from rouge_score import rouge_scorer
+
+from oloraplus.evaluate import (
+    bleu_from_statistics, corpus_loss, example_losses, generate_answers, score_texts,
+)
+
+from conftest import build_tiny_llama, build_tokenizer
+
+PREDS = ["The cat sat on the mat.", "Paris is the capital of France.", "Running quickly helps."]
+REFS = ["A cat was sitting on the mat.", "The capital of France is Paris.", "He runs quick."]
+
+
+def test_scores_match_sacrebleu_and_rouge_score():
+    s = score_texts(PREDS, REFS)
+    assert s["bleu"] == pytest.approx(sacrebleu.corpus_bleu(PREDS, [REFS]).score)
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    for key in ("rouge1", "rouge2", "rougeL"):
+        expected = sum(scorer.score(r, p)[key].fmeasure for p, r in zip(PREDS, REFS)) / len(PREDS)
+        assert s[key] == pytest.approx(expected)
+    assert bleu_from_statistics(s["per_example"]["bleu_stats"]) == pytest.approx(s["bleu"])
+
+
+def test_known_extremes():
+    same = score_texts(REFS, REFS)
+    assert same["bleu"] == pytest.approx(100.0) and same["rouge1"] == pytest.approx(1.0)
+    disjoint = score_texts(["zebra xylophone"] * 3, REFS)
+    assert disjoint["bleu"] == pytest.approx(0.0, abs=1e-6) and disjoint["rougeL"] == 0.0
+    # stemming on: "running"/"runs" and "cats"/"cat" share stems
+    assert score_texts(["running cats"], ["runs cat"])["rouge1"] == pytest.approx(1.0)
+
+
+def _tiny():
+    tok = build_tokenizer()
+    return build_tiny_llama(len(tok), seed=5), tok
+
+
+RECS = [
+    {"instruction": "Give three tips for staying healthy.", "input": "", "output": "Eat well."},
+    {"instruction": "Translate", "input": "bonjour tout le monde, comment allez vous aujourd'hui", "output": "hello"},
+    {"instruction": "Why?", "input": "", "output": "Because the sky is blue and the sea is wide."},
+]
+
+
+def test_batched_generation_equals_one_at_a_time():
+    model, tok = _tiny()
+    batched, n = generate_answers(model, tok, RECS, max_new_tokens=12, batch_size=3)
+    single = [generate_answers(model, tok, [r], max_new_tokens=12, batch_size=1)[0][0] for r in RECS]
+    assert batched == single
+    assert n > 0
+
+
+def test_example_losses_match_the_model_loss():
+    model, tok = _tiny()
+    losses = example_losses(model, tok, RECS, max_length=256, batch_size=2)
+    from oloraplus.data import PadCollator, tokenize_example
+
+    for rec, (s, n) in zip(RECS, losses):
+        batch = PadCollator(tok.pad_token_id)([tokenize_example(tok, rec, 256)])
+        with torch.no_grad():
+            ref = model(**batch).loss
+        assert s / n == pytest.approx(float(ref), rel=1e-4)
+    assert corpus_loss(losses) == pytest.approx(sum(s for s, _ in losses) / sum(n for _, n in losses))
+    assert math.isnan(corpus_loss([(math.nan, 0)]))

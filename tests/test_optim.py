@@ -1,0 +1,59 @@
+"""LoRA+ groups: exact learning rates for lambda < 1 and > 1, through the Trainer's own optimizer creation."""
+
+import math
+
+import pytest
+import torch
+from transformers import TrainingArguments
+
+from oloraplus.adapters import attach_adapter
+from oloraplus.optim import loraplus_param_groups
+from oloraplus.train import OLoRAPlusTrainer
+
+from conftest import build_tiny_llama
+
+
+def _model():
+    model = attach_adapter(build_tiny_llama(300), "olora", 4, 8, 0.0, None)
+    for name, p in model.named_parameters():  # a trainable non-adapter parameter (a norm), as with modules_to_save
+        if name.endswith("model.norm.weight"):
+            p.requires_grad_(True)
+    return model
+
+
+@pytest.mark.parametrize("ratio", [1 / 16, 0.25, 1.0, 4.0, 16.0])
+def test_trainer_optimizer_has_exact_loraplus_rates(tmp_path, ratio):
+    model = _model()
+    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=3e-4, weight_decay=0.1, use_cpu=True, report_to=[])
+    trainer = OLoRAPlusTrainer(model=model, args=args, lr_ratio=ratio)
+    opt = trainer.create_optimizer()
+    assert isinstance(opt, torch.optim.AdamW)
+    ids = {id(p): n for n, p in model.named_parameters()}
+    seen = set()
+    for group in opt.param_groups:
+        for p in group["params"]:
+            name = ids[id(p)]
+            seen.add(name)
+            expected = 3e-4 * ratio if ".lora_B." in name else 3e-4  # A and the norm keep the base lr
+            assert math.isclose(group["lr"], expected, rel_tol=1e-12), name
+            assert group["weight_decay"] == (0.0 if name.endswith("norm.weight") else 0.1), name
+    assert seen == {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_warmup_schedule_keeps_the_ratio(tmp_path):
+    model = _model()
+    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-3, warmup_steps=0.5, use_cpu=True, report_to=[])
+    trainer = OLoRAPlusTrainer(model=model, args=args, lr_ratio=1 / 16)
+    trainer.create_optimizer_and_scheduler(num_training_steps=10)
+    trainer.optimizer.step()
+    trainer.lr_scheduler.step()
+    lrs = {g["role"]: g["lr"] for g in trainer.optimizer.param_groups}
+    assert 0 < lrs["lora_A"] < 1e-3  # warming up
+    assert math.isclose(lrs["lora_B"], lrs["lora_A"] / 16, rel_tol=1e-9)
+    assert math.isclose(lrs["other"], lrs["lora_A"], rel_tol=1e-9)
+
+
+def test_groups_without_trainer_default_decay_to_matrices():
+    groups = loraplus_param_groups(_model(), 1e-3, 2.0, 0.01)
+    by_role = {(g["role"], g["weight_decay"]) for g in groups}
+    assert by_role == {("lora_A", 0.01), ("lora_B", 0.01), ("other", 0.0)}
