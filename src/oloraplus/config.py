@@ -122,6 +122,11 @@ class EvalConfig:
     max_new_tokens: int = _help("longest generated answer, in tokens", default=128)
     eval_batch_size: int = _help("generation / eval-loss batch size", default=16)
     generate: bool = _help("generate answers and score BLEU/ROUGE (off: eval loss only)", default=True)
+    test: bool = _help(
+        "evaluate on the test split (off for learning-rate selection runs, which must never read test data)",
+        flag="eval_test",
+        default=True,
+    )
 
 
 @dataclass(frozen=True)

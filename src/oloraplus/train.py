@@ -8,6 +8,7 @@ metrics.json is a finished run; one without it is unfinished and gets redone.
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -148,10 +149,12 @@ def run_training(cfg: RunConfig, overwrite: bool = False, prepared: PreparedRun 
     if is_finished(out) and not overwrite:
         raise OLoRAPlusError(f"{out} already holds a finished run ({METRICS_FILE}); pick another output_dir or pass --overwrite")
     prep = prepared or PreparedRun(cfg)
-    if out.exists():  # an unfinished (or overwritten) run: start clean so no stale file survives
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    atomic_write_text(out / "config.yaml", cfg.to_yaml())
+    main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 touches the run folder
+    if main_process:
+        if out.exists():  # an unfinished (or overwritten) run: start clean so no stale file survives
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        atomic_write_text(out / "config.yaml", cfg.to_yaml())
 
     tok = prep.tokenizer
     split = prep.split
@@ -208,7 +211,9 @@ def run_training(cfg: RunConfig, overwrite: bool = False, prepared: PreparedRun 
     t0 = time.perf_counter()
     trainer.train()
     train_seconds = time.perf_counter() - t0
-    tokens = int(trainer.state.num_input_tokens_seen)
+    tokens = int(trainer.state.num_input_tokens_seen)  # summed over processes by Trainer
+    if not trainer.is_world_process_zero():  # evaluation and saving happen once, on rank 0
+        return {"status": "worker", "train_tokens": tokens}
     history = [dict(h) for h in trainer.state.log_history]
     atomic_write_json(out / "history.json", history)
     atomic_write_jsonl(out / "dynamics.jsonl", dynamics.rows)
@@ -241,6 +246,10 @@ def run_training(cfg: RunConfig, overwrite: bool = False, prepared: PreparedRun 
     if split.val:
         val = example_losses(merged, tok, [prep.records[i] for i in split.val], cfg.data.max_length, cfg.eval.eval_batch_size, prep.bf16)
         metrics["val_loss"] = corpus_loss(val)
+    if not cfg.eval.test:  # a selection run: validation only, the test split stays unread
+        metrics["status"] = "finished" if math.isfinite(metrics.get("val_loss", 0.0)) else "diverged"
+        atomic_write_json(out / METRICS_FILE, metrics)
+        return metrics
     eval_metrics, rows = evaluate_model(
         merged,
         tok,
