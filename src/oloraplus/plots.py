@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -106,6 +107,23 @@ def dynamics_curves(series: dict[str, dict[str, list[Curve]]], path: str | Path,
 Point = tuple[float, float, float]  # (lambda, mean, CI half-width or nan)
 
 
+def lambda_label(lam: float) -> str:
+    """'1/4' for 0.25, '4' for 4: how lambda is written in the grid."""
+    if lam < 1 and abs(1 / lam - round(1 / lam)) < 1e-9:
+        return f"1/{round(1 / lam)}"
+    return f"{lam:g}"
+
+
+def _lambda_ticks(ax: Any, lams: list[float]) -> None:
+    """Ticks exactly at the grid's lambdas, no minor ticks (also keeps layout cheap)."""
+    from matplotlib.ticker import FixedFormatter, FixedLocator, NullLocator
+
+    ticks = sorted(set(lams))
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_major_formatter(FixedFormatter([lambda_label(t) for t in ticks]))
+    ax.xaxis.set_minor_locator(NullLocator())
+
+
 def metrics_vs_lambda(
     panels: list[tuple[str, dict[str, list[Point]], tuple[float, float] | None]],
     path: str | Path,
@@ -145,15 +163,91 @@ def metrics_vs_lambda(
             x, y, err = zip(*pts)
             yerr = [e if math.isfinite(e) else 0.0 for e in err]
             ax.errorbar(x, y, yerr=yerr, marker="o", ms=4, capsize=3, lw=1.5, color=colors[method], label=method)
+        _lambda_ticks(ax, lams)
         ax.set_xlabel("λ (lr of B / lr of A)")
         ax.set_title(name, fontsize=10)
-        ax.grid(alpha=0.3, which="both")
-    for ax in list(axes.flat)[len(panels):]:
+        ax.grid(alpha=0.3)
+    spare = list(axes.flat)[len(panels):]
+    for ax in spare:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    if handles:
+    if handles and spare:  # an empty grid cell holds the legend, next to the panels
+        spare[0].legend(handles, labels, loc="center", fontsize=9, frameon=False)
+    elif handles:
         fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8, frameon=False)
     fig.suptitle(title or "metrics against λ")
-    fig.tight_layout(rect=(0, 0.07 if handles else 0, 1, 1))
+    fig.tight_layout(rect=(0, 0.07 if handles and not spare else 0, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _log2_edges(centers: list[float]) -> list[float]:
+    """Cell edges around sorted centers, halfway between neighbours in log2 space (one cell: ± half an octave)."""
+    logs = [math.log2(c) for c in centers]
+    if len(logs) == 1:
+        return [2 ** (logs[0] - 0.5), 2 ** (logs[0] + 0.5)]
+    mids = [(a + b) / 2 for a, b in zip(logs, logs[1:])]
+    first, last = logs[0] - (mids[0] - logs[0]), logs[-1] + (logs[-1] - mids[-1])
+    return [2**x for x in [first, *mids, last]]
+
+
+def _fixed_ticks(axis: Any, values: list[float], labels: list[str]) -> None:
+    from matplotlib.ticker import FixedFormatter, FixedLocator, NullLocator
+
+    axis.set_major_locator(FixedLocator(values))
+    axis.set_major_formatter(FixedFormatter(labels))
+    axis.set_minor_locator(NullLocator())
+
+
+def val_loss_heatmap(
+    cells: dict[tuple[float, float], float | None],
+    chosen: dict[float, float | None],
+    path: str | Path,
+    title: str = "",
+) -> None:
+    """Validation loss over (lr, lambda), both on log2 axes, one cell per selection setting.
+
+    `cells` maps (lambda, lr) to the mean validation loss, None (or non-finite) for
+    a diverged setting, drawn hatched with a ×; `chosen` maps lambda to its chosen
+    lr, drawn as a bold box. Settings not in the grid stay blank.
+    """
+    from matplotlib.patches import Rectangle
+
+    lams = sorted({lam for lam, _ in cells})
+    lrs = sorted({lr for _, lr in cells})
+    x_edges, y_edges = _log2_edges(lrs), _log2_edges(lams)
+    grid = np.full((len(lams), len(lrs)), np.nan)
+    for (lam, lr), v in cells.items():
+        if v is not None and math.isfinite(v):
+            grid[lams.index(lam), lrs.index(lr)] = v
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(lrs), 1.6 + 0.75 * len(lams)))
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    finite = np.isfinite(grid)
+    if finite.any():
+        mesh = ax.pcolormesh(x_edges, y_edges, np.ma.masked_invalid(grid), cmap="viridis_r", shading="flat")
+        fig.colorbar(mesh, ax=ax, label="validation loss (lower is better)")
+    for (lam, lr), v in cells.items():
+        i, j = lams.index(lam), lrs.index(lr)
+        x0, x1, y0, y1 = x_edges[j], x_edges[j + 1], y_edges[i], y_edges[i + 1]
+        cx, cy = math.sqrt(x0 * x1), math.sqrt(y0 * y1)  # the centre on log axes
+        if finite[i, j]:
+            ax.text(cx, cy, f"{v:.3f}", ha="center", va="center", fontsize=8,
+                    bbox={"facecolor": "white", "alpha": 0.6, "lw": 0, "pad": 1})
+        else:
+            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, facecolor="#f7e9e9", edgecolor="#d7a3a3", hatch="xx", lw=0.5))
+            ax.text(cx, cy, "× diverged", ha="center", va="center", fontsize=8, color="#a33",
+                    bbox={"facecolor": "white", "alpha": 0.85, "lw": 0, "pad": 1})
+    for lam, lr in chosen.items():
+        if lr is not None and lr in lrs:
+            i, j = lams.index(lam), lrs.index(lr)
+            ax.add_patch(Rectangle((x_edges[j], y_edges[i]), x_edges[j + 1] - x_edges[j], y_edges[i + 1] - y_edges[i],
+                                   fill=False, edgecolor="black", lw=2.5, clip_on=False))
+    ax.set_xlim(x_edges[0], x_edges[-1])
+    ax.set_ylim(y_edges[0], y_edges[-1])
+    _fixed_ticks(ax.xaxis, lrs, [f"{lr:g}" for lr in lrs])
+    _fixed_ticks(ax.yaxis, lams, [lambda_label(lam) for lam in lams])
+    ax.set_xlabel("base learning rate (log2 axis)")
+    ax.set_ylabel("λ = lr of B / lr of A (log2 axis)")
+    ax.set_title(title or "validation loss", fontsize=10)
+    _save(fig, path)
