@@ -17,7 +17,7 @@ from typing import Any, Sequence
 from oloraplus.config import SECTIONS, flat_fields
 from oloraplus.errors import OLoRAPlusError
 
-PRESETS = ("quick", "paper-cpu", "paper")
+PRESETS = ("quick", "paper-cpu", "paper-cpu-tuned", "paper")
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
@@ -75,6 +75,8 @@ def _study_file_data(ns: argparse.Namespace) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- commands
+GRID_FLAGS = ("methods", "lr_ratios", "seeds", "lrs", "baseline", "protocol", "fixed_lr", "selection_seeds", "probe_fraction")
+
 def cmd_train(ns: argparse.Namespace) -> int:
     from oloraplus.config import load_config
     from oloraplus.train import run_training
@@ -111,10 +113,10 @@ def cmd_compare(ns: argparse.Namespace) -> int:
     data.pop("study_dir", None)
     grid = build_grid(
         grid_data,
-        {"methods": ns.methods, "lr_ratios": ns.lr_ratios, "seeds": ns.seeds, "lrs": ns.lrs, "baseline": ns.baseline},
+        {name: getattr(ns, name) for name in GRID_FLAGS},
     )
     base = build_config(data, _overrides(ns), source=ns.config or (f"preset {ns.preset}" if ns.preset else "config"))
-    rows = run_study(study_dir, base, grid)
+    rows = run_study(study_dir, base, grid)  # checks the protocol against the run config before any run
     print("\n" + format_table(rows))
     if not ns.no_report:
         from oloraplus.report import write_report
@@ -155,14 +157,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("compare", help="a grid of methods x lambda x lr x seeds on one split; table and report")
-    p.add_argument("--preset", choices=PRESETS, help="quick | paper-cpu | paper (see the README)")
-    p.add_argument("--config", help="YAML config; a 'grid' section sets methods, lr_ratios, seeds, lrs, baseline")
+    p.add_argument("--preset", choices=PRESETS, help="quick | paper-cpu | paper-cpu-tuned | paper (see the README)")
+    p.add_argument("--config", help="YAML config; a 'grid' section sets methods, lr_ratios, seeds, lrs, baseline, "
+                                    "protocol, fixed_lr, selection_seeds, probe_fraction")
     p.add_argument("--study_dir", help="study folder (resumable) [default: studies/PRESET]")
     p.add_argument("--methods", help="comma-separated methods, e.g. olora,olora+ [default: olora,olora+]")
     p.add_argument("--lr_ratios", help="comma-separated lambdas for '+' methods, e.g. 1/16,1/4,4,16")
     p.add_argument("--seeds", help="comma-separated training seeds [default: 0,1,2]")
-    p.add_argument("--lrs", help="comma-separated base learning rates [default: --lr]")
+    p.add_argument("--lrs", help="comma-separated base learning rates: the lr axis of protocol fixed, the candidates "
+                                 "of protocol tuned [default: --lr]")
     p.add_argument("--baseline", help="method the others are compared with [default: olora]")
+    p.add_argument("--protocol", help="fixed: every method at one lr; tuned: each method/lambda at the lr with the best "
+                                      "validation loss (needs --lrs with 2+ values and --val_fraction > 0); both "
+                                      "[default: fixed]")
+    p.add_argument("--fixed_lr", help="the one lr of protocol fixed when lrs are the tuned candidates [default: --lr]")
+    p.add_argument("--selection_seeds", help="tuned: choose the lr on the first seed or on all seeds: first | all "
+                                             "[default: first]")
+    p.add_argument("--probe_fraction", help="tuned: selection runs train this fraction of the full steps, in (0, 1] "
+                                            "[default: 1, full-length]")
     p.add_argument("--no_report", action="store_true", help="skip writing the report at the end")
     _add_run_options(p)
     p.set_defaults(func=cmd_compare)

@@ -1,5 +1,14 @@
 """The grid: methods x lambda x learning rates x seeds, one run folder each, resumable.
 
+Two protocols decide which runs are trained and which are compared:
+
+- fixed: every method at one learning rate (or at each lr of `lrs`), over all seeds;
+- tuned: each method/lambda first trains short or full *selection* runs at every lr
+  of `lrs`, evaluated on validation only (eval_test false: they never read the test
+  split); the lr with the lowest mean validation loss is chosen and written to
+  STUDY/selection.json; then that method/lambda trains at its chosen lr over all
+  seeds, evaluated on test.
+
 A run folder with metrics.json is finished and skipped; any other run folder is
 redone from scratch. metrics.json is written atomically and last, so a process
 killed at any moment (kill -9 included) loses at most the run in progress.
@@ -8,6 +17,9 @@ killed at any moment (kill -9 included) loses at most the run in progress.
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,10 +29,13 @@ import yaml
 
 from oloraplus.config import METHODS, RunConfig, build_config, coerce
 from oloraplus.errors import OLoRAPlusError
-from oloraplus.fsutil import atomic_write_text
-from oloraplus.train import PreparedRun, is_finished, run_training
+from oloraplus.fsutil import atomic_write_json, atomic_write_text
 
 RUNS_DIR = "runs"
+METRICS_FILE = "metrics.json"  # the same name train.py writes last; imported lazily there (torch is heavy)
+SELECTION_FILE = "selection.json"
+PROTOCOLS = ("fixed", "tuned", "both")
+SELECTION_SEEDS = ("first", "all")
 
 
 @dataclass(frozen=True)
@@ -30,11 +45,34 @@ class GridConfig:
         default_factory=lambda: [1 / 16, 1 / 4, 4.0, 16.0], metadata={"help": "lambda values for the '+' methods"}
     )
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "training seeds"})
-    lrs: list[float] | None = field(default=None, metadata={"help": "base learning rates (default: train.lr)"})
+    lrs: list[float] | None = field(
+        default=None,
+        metadata={"help": "base learning rates: the lr axis of protocol fixed, the candidates of protocol tuned "
+                          "(default: train.lr)"},
+    )
     baseline: str = field(default="olora", metadata={"help": "the method every other run is compared with"})
+    protocol: str = field(
+        default="fixed",
+        metadata={"help": "fixed: every method at one lr; tuned: each method/lambda at its best lr on validation; both"},
+    )
+    fixed_lr: float | None = field(
+        default=None, metadata={"help": "the one lr of protocol fixed (default: train.lr)"}
+    )
+    selection_seeds: str = field(
+        default="first", metadata={"help": "tuned: choose the lr on the first seed or on all seeds (first | all)"}
+    )
+    probe_fraction: float = field(
+        default=1.0,
+        metadata={"help": "tuned: selection runs train this fraction of the full steps (1 = full-length runs)"},
+    )
+
+    @property
+    def tuned(self) -> bool:
+        return self.protocol in ("tuned", "both")
 
 
 GRID_OPTIONS = {f.name: f for f in dataclasses.fields(GridConfig)}
+LIST_KINDS: dict[str, type] = {"methods": str, "lr_ratios": float, "seeds": int, "lrs": float}
 
 
 def _list_of(name: str, value: Any, kind: type) -> list:
@@ -48,15 +86,23 @@ def _list_of(name: str, value: Any, kind: type) -> list:
     return out
 
 
+def _coerce_option(name: str, value: Any) -> Any:
+    """A grid option from YAML or the command line, as its field's type."""
+    if value is None:
+        return None
+    if name in LIST_KINDS:
+        items = _list_of(name, value, LIST_KINDS[name])
+        return list(dict.fromkeys(items)) if name == "lrs" else items
+    return coerce(name, value, GRID_OPTIONS[name].type)
+
+
 def build_grid(data: dict[str, Any] | None, overrides: dict[str, Any] | None = None) -> GridConfig:
     merged = dict(data or {})
     merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
     unknown = set(merged) - set(GRID_OPTIONS)
     if unknown:
         raise OLoRAPlusError(f"unknown grid option(s): {', '.join(sorted(unknown))}")
-    kinds = {"methods": str, "lr_ratios": float, "seeds": int, "lrs": float}
-    values = {k: (_list_of(k, v, kinds[k]) if k in kinds and v is not None else v) for k, v in merged.items()}
-    grid = GridConfig(**values)
+    grid = GridConfig(**{k: _coerce_option(k, v) for k, v in merged.items() if v is not None})
     for m in grid.methods:
         if m not in METHODS:
             raise OLoRAPlusError(f"unknown method '{m}' in grid (known: {', '.join(METHODS)})")
@@ -64,49 +110,172 @@ def build_grid(data: dict[str, Any] | None, overrides: dict[str, Any] | None = N
         raise OLoRAPlusError("the grid needs at least one method and one seed")
     if grid.baseline not in grid.methods:
         raise OLoRAPlusError(f"baseline '{grid.baseline}' is not among the grid's methods {grid.methods}")
+    _check_protocol_options(grid)
     return grid
+
+
+def _check_protocol_options(grid: GridConfig) -> None:
+    """The protocol options that can be judged without the run configuration."""
+    if grid.protocol not in PROTOCOLS:
+        raise OLoRAPlusError(f"protocol must be one of {', '.join(PROTOCOLS)}, got '{grid.protocol}'")
+    if grid.selection_seeds not in SELECTION_SEEDS:
+        raise OLoRAPlusError(f"selection_seeds must be first or all, got '{grid.selection_seeds}'")
+    if not (math.isfinite(grid.probe_fraction) and 0 < grid.probe_fraction <= 1):
+        raise OLoRAPlusError(f"probe_fraction must be in (0, 1], got {grid.probe_fraction}")
+    if grid.fixed_lr is not None and not (math.isfinite(grid.fixed_lr) and grid.fixed_lr > 0):
+        raise OLoRAPlusError(f"fixed_lr must be a finite number > 0, got {grid.fixed_lr}")
+    if grid.tuned and len(grid.lrs or []) < 2:
+        raise OLoRAPlusError(f"protocol {grid.protocol} chooses among learning rates: give lrs with at least 2 values")
+    if grid.protocol == "fixed" and grid.lrs and grid.fixed_lr is not None:
+        raise OLoRAPlusError("protocol fixed: give lrs (one fixed-lr comparison per lr) or fixed_lr, not both")
+
+
+def check_protocol(base: RunConfig, grid: GridConfig) -> None:
+    """The protocol options that need the run configuration: tuned selects on validation data."""
+    if grid.tuned and base.data.val_fraction <= 0:
+        raise OLoRAPlusError(
+            f"protocol {grid.protocol} chooses the lr on validation loss: set val_fraction > 0 (e.g. 0.1)"
+        )
+
+
+# --- which runs ----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class RunSpec:
+    """One run. `probe` is None for a run evaluated on test, else the length fraction of a selection run."""
+
     method: str
     lr_ratio: float
     lr: float
     seed: int
+    probe: float | None = None
+
+    @property
+    def selection(self) -> bool:
+        return self.probe is not None
 
     @property
     def run_id(self) -> str:
-        return f"{self.method}_lam{self.lr_ratio:g}_lr{self.lr:g}_seed{self.seed}"
+        rid = f"{self.method}_lam{self.lr_ratio:g}_lr{self.lr:g}_seed{self.seed}"
+        if self.probe is None:
+            return rid
+        return f"{rid}_select" if self.probe >= 1 else f"{rid}_probe{self.probe:g}"
+
+
+SELECTION_RUN_ID = re.compile(r"_(select|probe[0-9.e+-]+)$")
+
+
+def is_selection_run_id(run_id: str) -> bool:
+    """Selection runs (validation only) are told apart from test-evaluated runs by their id suffix."""
+    return bool(SELECTION_RUN_ID.search(run_id))
+
+
+def selection_key(method: str, lr_ratio: float) -> str:
+    """'olora+/0.25': the key of one method/lambda in selection.json."""
+    return f"{method}/{lr_ratio:g}"
+
+
+def method_lambdas(grid: GridConfig) -> list[tuple[str, float]]:
+    """Every (method, lambda) of the grid; a '+' method at lambda = 1 is its parent, dropped when the parent is there."""
+    pairs: list[tuple[str, float]] = []
+    for method in grid.methods:
+        plus = METHODS[method][1]
+        for ratio in grid.lr_ratios if plus else [1.0]:
+            if plus and ratio == 1.0 and method.rstrip("+") in grid.methods:
+                continue
+            pairs.append((method, float(ratio)))
+    return list(dict.fromkeys(pairs))
+
+
+def fixed_lrs(base: RunConfig, grid: GridConfig) -> list[float]:
+    """The learning rates of protocol fixed: the lr axis when protocol is fixed, else the one fixed_lr."""
+    if grid.protocol == "tuned":
+        return []
+    if grid.protocol == "fixed" and grid.lrs:
+        return [float(lr) for lr in grid.lrs]
+    return [float(grid.fixed_lr if grid.fixed_lr is not None else base.train.lr)]
+
+
+def selection_seeds(grid: GridConfig) -> list[int]:
+    return list(grid.seeds) if grid.selection_seeds == "all" else [grid.seeds[0]]
 
 
 def expand_grid(base: RunConfig, grid: GridConfig) -> list[RunSpec]:
-    """Seed-major order, so an interrupted grid has whole seeds done first.
+    """The runs of protocol fixed, seed-major, so an interrupted grid has whole seeds done first."""
+    return [
+        RunSpec(method, ratio, lr, int(seed))
+        for seed in grid.seeds
+        for lr in fixed_lrs(base, grid)
+        for method, ratio in method_lambdas(grid)
+    ]
 
-    A '+' method at lambda = 1 is its parent; it is dropped when the parent is in the grid.
-    """
-    lrs = grid.lrs or [base.train.lr]
-    specs: list[RunSpec] = []
-    for seed in grid.seeds:
-        for lr in lrs:
-            for method in grid.methods:
-                init, plus = METHODS[method]
-                ratios = grid.lr_ratios if plus else [1.0]
-                for ratio in ratios:
-                    parent = method.rstrip("+")
-                    if plus and ratio == 1.0 and parent in grid.methods:
-                        continue
-                    specs.append(RunSpec(method, float(ratio), float(lr), int(seed)))
+
+def selection_specs(grid: GridConfig) -> list[RunSpec]:
+    """The selection runs of protocol tuned: every method/lambda at every lr, on the selection seeds."""
+    if not grid.tuned:
+        return []
+    return [
+        RunSpec(method, ratio, float(lr), int(seed), probe=grid.probe_fraction)
+        for seed in selection_seeds(grid)
+        for lr in grid.lrs or []
+        for method, ratio in method_lambdas(grid)
+    ]
+
+
+def tuned_specs(grid: GridConfig, selection: dict[str, dict[str, Any]]) -> list[RunSpec]:
+    """Each method/lambda at its chosen lr over all seeds; one whose every lr diverged has none."""
+    chosen = [(e["method"], float(e["lr_ratio"]), e["chosen_lr"]) for e in selection.values()]
+    return [
+        RunSpec(method, ratio, float(lr), int(seed))
+        for seed in grid.seeds
+        for method, ratio, lr in chosen
+        if lr is not None
+    ]
+
+
+def final_specs(base: RunConfig, grid: GridConfig, selection: dict[str, dict[str, Any]] | None) -> list[RunSpec]:
+    """The test-evaluated runs of both protocols, seed-major, each run once (a tuned run at fixed_lr is reused)."""
+    specs = expand_grid(base, grid) + (tuned_specs(grid, selection) if selection else [])
+    specs.sort(key=lambda s: grid.seeds.index(s.seed))  # stable: keeps the order within a seed
     return list(dict.fromkeys(specs))
 
 
+def planned_specs(base: RunConfig, grid: GridConfig, selection: dict[str, dict[str, Any]] | None) -> list[RunSpec]:
+    """Every run the study trains, as far as it is known (the tuned runs once the lrs are chosen)."""
+    return selection_specs(grid) + final_specs(base, grid, selection)
+
+
+# --- run configurations ----------------------------------------------------------------------------
+
+
+def full_steps(base: RunConfig) -> int:
+    """Optimizer steps of a full-length run: max_steps if set, else ceil(n_train_after_val / batch) x epochs."""
+    t, d = base.train, base.data
+    if t.max_steps > 0:
+        return t.max_steps
+    n_train = d.n_train - int(round(d.val_fraction * d.n_train))
+    per_epoch = math.ceil(n_train / (t.batch_size * t.grad_accum))
+    return max(1, math.ceil(per_epoch * t.epochs))
+
+
+def probe_steps(base: RunConfig, fraction: float) -> int:
+    """Steps of a selection probe: max(1, round(fraction x full steps))."""
+    return max(1, round(fraction * full_steps(base)))
+
+
 def spec_config(base: RunConfig, spec: RunSpec, study_dir: Path) -> RunConfig:
-    overrides = {
+    overrides: dict[str, Any] = {
         "method": spec.method,
         "lr_ratio": spec.lr_ratio,
         "lr": spec.lr,
         "seed": spec.seed,
         "output_dir": str(study_dir / RUNS_DIR / spec.run_id),
     }
+    if spec.selection:  # validation only: a selection run never reads the test split
+        overrides["eval_test"] = False
+        if spec.probe is not None and spec.probe < 1:
+            overrides["max_steps"] = probe_steps(base, spec.probe)
     return build_config(base.to_dict(), overrides)
 
 
@@ -118,51 +287,160 @@ def _check_same_config(run_dir: Path, cfg: RunConfig) -> None:
         )
 
 
+def is_finished(run_dir: str | Path) -> bool:
+    """A run folder with metrics.json is finished (the report reads studies without importing torch)."""
+    return (Path(run_dir) / METRICS_FILE).is_file()
+
+
+def _check_finished(configs: list[RunConfig]) -> None:
+    """Refuse to mix runs made with another configuration, before training anything."""
+    for cfg in configs:
+        if is_finished(cfg.output_dir):
+            _check_same_config(Path(cfg.output_dir), cfg)
+
+
+# --- lr selection ------------------------------------------------------------------------------------
+
+
+def _val_loss(metrics: dict[str, Any] | None) -> float:
+    """A selection run's validation loss; a diverged run or a non-finite loss counts as +inf."""
+    if not metrics or metrics.get("status") != "finished":
+        return math.inf
+    v = metrics.get("val_loss")
+    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else math.inf
+
+
+def choose_lrs(grid: GridConfig, metrics: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per method/lambda, the lr with the lowest mean validation loss over the selection seeds.
+
+    `metrics` maps selection run ids to their metrics.json. Ties go to the first lr
+    of `lrs`; a method/lambda whose every lr diverged gets chosen_lr None.
+    """
+    seeds = selection_seeds(grid)
+    out: dict[str, dict[str, Any]] = {}
+    for method, ratio in method_lambdas(grid):
+        by_lr: dict[float, float] = {}
+        for lr in grid.lrs or []:
+            ids = [RunSpec(method, ratio, float(lr), s, grid.probe_fraction).run_id for s in seeds]
+            missing = [i for i in ids if i not in metrics]
+            if missing:
+                raise OLoRAPlusError(f"selection run(s) without results: {', '.join(missing)}")
+            by_lr[float(lr)] = sum(_val_loss(metrics[i]) for i in ids) / len(ids)
+        finite = {lr: v for lr, v in by_lr.items() if math.isfinite(v)}
+        out[selection_key(method, ratio)] = {
+            "method": method,
+            "lr_ratio": ratio,
+            "chosen_lr": min(finite, key=finite.__getitem__) if finite else None,
+            "val_loss_by_lr": {f"{lr:g}": (v if math.isfinite(v) else None) for lr, v in by_lr.items()},
+            "selection_seeds": seeds,
+            "probe_fraction": grid.probe_fraction,
+        }
+    return out
+
+
+def read_selection(study_dir: str | Path) -> dict[str, dict[str, Any]] | None:
+    """STUDY/selection.json, or None before the selection has finished."""
+    path = Path(study_dir) / SELECTION_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise OLoRAPlusError(f"cannot read {path}: {e}") from e
+
+
+def format_selection(selection: dict[str, dict[str, Any]]) -> str:
+    """One line per method/lambda: its validation loss at every lr and the chosen lr."""
+    lines = []
+    for key, e in selection.items():
+        losses = ", ".join(f"{lr} {v:.4f}" if v is not None else f"{lr} diverged" for lr, v in e["val_loss_by_lr"].items())
+        chosen = f"lr {e['chosen_lr']:g}" if e["chosen_lr"] is not None else "none: every lr diverged"
+        lines.append(f"{key:<16} chosen {chosen}   (val loss by lr: {losses})")
+    return "\n".join(lines)
+
+
+# --- running -------------------------------------------------------------------------------------------
+
+
 def _fmt_seconds(s: float) -> str:
     s = int(s)
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def _outcome(metrics: dict[str, Any]) -> str:
+    """' diverged at step 3', ', eval loss 2.1234' or ', val loss 2.1234 (validation only)'."""
+    if metrics["status"] == "diverged":
+        step = metrics.get("diverged_step")
+        return f" at step {step}" if step is not None else " (non-finite loss)"
+    if "eval_loss" in metrics:
+        return f", eval loss {metrics['eval_loss']:.4f}"
+    return f", val loss {metrics.get('val_loss', math.nan):.4f} (validation only)"
+
+
+def _run_all(study_dir: Path, stage: str, specs: list[RunSpec], configs: list[RunConfig]) -> None:
+    """Train every unfinished run of `specs`, in order, with progress and an ETA."""
+    from oloraplus.train import run_training
+
+    todo = [i for i, cfg in enumerate(configs) if not is_finished(cfg.output_dir)]
+    print(f"study {study_dir} ({stage}): {len(specs)} runs, {len(specs) - len(todo)} already finished, "
+          f"{len(todo)} to run", flush=True)
+    durations: list[float] = []
+    for n, i in enumerate(todo, 1):
+        spec, cfg = specs[i], configs[i]
+        eta = f", ETA for the rest {_fmt_seconds(sum(durations) / len(durations) * (len(todo) - n + 1))}" if durations else ""
+        print(f"\n[{stage} run {i + 1}/{len(specs)}] {spec.run_id} ({n} of {len(todo)} this sitting{eta})", flush=True)
+        t0 = time.perf_counter()
+        metrics = run_training(cfg, overwrite=True)
+        durations.append(time.perf_counter() - t0)
+        print(f"[{stage} run {i + 1}/{len(specs)}] {metrics['status']}{_outcome(metrics)} "
+              f"in {_fmt_seconds(durations[-1])}", flush=True)
+
+
+def run_selection(study_dir: Path, base: RunConfig, grid: GridConfig, specs: list[RunSpec]) -> dict[str, dict[str, Any]]:
+    """Train the selection runs, choose each method/lambda's lr, write selection.json atomically."""
+    _run_all(study_dir, "lr selection", specs, [spec_config(base, s, study_dir) for s in specs])
+    ended = {s.run_id: m for s, m in zip(specs, _read_metrics(study_dir, specs)) if m is not None}
+    selection = choose_lrs(grid, ended)
+    atomic_write_json(study_dir / SELECTION_FILE, selection)
+    print(f"\nchosen learning rates (lowest validation loss; {study_dir / SELECTION_FILE}):\n"
+          f"{format_selection(selection)}", flush=True)
+    return selection
+
+
 def run_study(study_dir: str | Path, base: RunConfig, grid: GridConfig) -> list[dict[str, Any]]:
-    """Run every unfinished run of the grid; return the metrics of all finished runs, in grid order."""
+    """Run every unfinished run of the study; return the metrics of all finished test-evaluated runs, in order."""
+    from oloraplus.train import PreparedRun
+
     study_dir = Path(study_dir)
-    specs = expand_grid(base, grid)
-    configs = [spec_config(base, s, study_dir) for s in specs]
-    for cfg in configs:  # refuse to mix runs made with another configuration, before training anything
-        run_dir = Path(cfg.output_dir)
-        if is_finished(run_dir):
-            _check_same_config(run_dir, cfg)
+    check_protocol(base, grid)
+    known = selection_specs(grid) + final_specs(base, grid, None)
+    configs = [spec_config(base, s, study_dir) for s in known]
+    _check_finished(configs)
     PreparedRun(configs[0])  # validates data, split, model and targets before anything is written
     study_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(
         study_dir / "study.yaml",
         yaml.safe_dump({"base": base.to_dict(), "grid": dataclasses.asdict(grid)}, sort_keys=False),
     )
-    todo = [i for i, cfg in enumerate(configs) if not is_finished(cfg.output_dir)]
-    print(f"study {study_dir}: {len(specs)} runs, {len(specs) - len(todo)} already finished, {len(todo)} to run", flush=True)
-    durations: list[float] = []
-    for n, i in enumerate(todo, 1):
-        spec, cfg = specs[i], configs[i]
-        eta = f", ETA for the rest {_fmt_seconds(sum(durations) / len(durations) * (len(todo) - n + 1))}" if durations else ""
-        print(f"\n[run {i + 1}/{len(specs)}] {spec.run_id} ({n} of {len(todo)} this sitting{eta})", flush=True)
-        t0 = time.perf_counter()
-        metrics = run_training(cfg, overwrite=True)
-        durations.append(time.perf_counter() - t0)
-        status = metrics["status"]
-        extra = f" at step {metrics.get('diverged_step')}" if status == "diverged" else f", eval loss {metrics['eval_loss']:.4f}"
-        print(f"[run {i + 1}/{len(specs)}] {status}{extra} in {_fmt_seconds(durations[-1])}", flush=True)
-    return collect_metrics(study_dir, specs)
+    selection = run_selection(study_dir, base, grid, selection_specs(grid)) if grid.tuned else None
+    finals = final_specs(base, grid, selection)
+    final_configs = [spec_config(base, s, study_dir) for s in finals]
+    _check_finished(final_configs)
+    _run_all(study_dir, "test", finals, final_configs)
+    return collect_metrics(study_dir, finals)
+
+
+def _read_metrics(study_dir: Path, specs: list[RunSpec]) -> list[dict[str, Any] | None]:
+    """metrics.json of each spec's run folder (None where the run has not finished)."""
+    out = []
+    for spec in specs:
+        path = study_dir / RUNS_DIR / spec.run_id / METRICS_FILE
+        out.append(json.loads(path.read_text()) if path.is_file() else None)
+    return out
 
 
 def collect_metrics(study_dir: Path, specs: list[RunSpec]) -> list[dict[str, Any]]:
-    import json
-
-    rows = []
-    for spec in specs:
-        path = study_dir / RUNS_DIR / spec.run_id / "metrics.json"
-        if path.is_file():
-            rows.append({"run_id": spec.run_id, **json.loads(path.read_text())})
-    return rows
+    return [{"run_id": s.run_id, **m} for s, m in zip(specs, _read_metrics(study_dir, specs)) if m is not None]
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

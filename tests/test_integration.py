@@ -1,0 +1,41 @@
+"""The real embedded SmolLM2-135M and the real Alpaca sample, end to end (short runs)."""
+
+import json
+
+import pytest
+import torch
+
+from oloraplus.cli import main
+from oloraplus.models import dequantized_folder, embedded_gguf_path, load_base
+
+pytestmark = pytest.mark.integration
+
+
+def test_gguf_is_dequantized_once_and_cached():
+    folder = dequantized_folder(embedded_gguf_path())
+    stamp = (folder / "config.json").stat().st_mtime_ns
+    model, tok = load_base("smollm2-135m")
+    assert dequantized_folder(embedded_gguf_path()) == folder
+    assert (folder / "config.json").stat().st_mtime_ns == stamp  # reused, not rebuilt
+    assert type(model).__name__ == "LlamaForCausalLM" and model.dtype == torch.float32
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    assert tok.pad_token_id == tok.eos_token_id and tok.chat_template
+    assert not getattr(model.config, "quantization_config", None)  # Trainer accepts it
+
+
+def test_real_model_real_data_train_then_evaluate_on_original_base(alpaca_path, tmp_path):
+    out = tmp_path / "run"
+    args = [
+        "train", "--model", "smollm2-135m", "--data", str(alpaca_path), "--n_train", "16", "--n_test", "4",
+        "--max_steps", "2", "--batch_size", "4", "--max_new_tokens", "16", "--method", "olora+", "--lr_ratio", "4",
+        "--output_dir", str(out), "--logging_steps", "1", "--dynamics_every", "1",
+    ]
+    assert main(args) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["status"] == "finished" and m["train_steps"] == 2
+    assert 0 < m["eval_loss"] < 5  # a real instruct model on real answers, not a random one (~10.8)
+    preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 4 and sum(len(p["prediction"]) > 0 for p in preds) >= 3
+    assert main(["evaluate", str(out), "--generate", "false"]) == 0
+    again = json.loads((out / "evaluation" / "metrics.json").read_text())
+    assert again["eval_loss"] == pytest.approx(m["eval_loss"], rel=1e-4)
