@@ -11,6 +11,17 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 ALPACA = Path(os.environ.get("OLORAPLUS_DATA", REPO.parent / "shared" / "data" / "alpaca" / "alpaca_sample.json"))
+# short reference answers for report/statistics tests on synthetic study folders
+SAMPLE_REFS = [
+    "the cat sat on the mat near the door",
+    "water boils at one hundred degrees celsius",
+    "paris is the capital city of france",
+    "plants need light water and air to grow",
+    "a triangle has three sides and three angles",
+    "the sun rises in the east every morning",
+    "exercise helps keep the body and mind healthy",
+    "reading books can widen your vocabulary a lot",
+]
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"

@@ -13,16 +13,9 @@ from oloraplus.config import build_config
 from oloraplus.errors import OLoRAPlusError
 from oloraplus.report import write_report
 
-REFS = [
-    "the cat sat on the mat near the door",
-    "water boils at one hundred degrees celsius",
-    "paris is the capital city of france",
-    "plants need light water and air to grow",
-    "a triangle has three sides and three angles",
-    "the sun rises in the east every morning",
-    "exercise helps keep the body and mind healthy",
-    "reading books can widen your vocabulary a lot",
-]
+from conftest import SAMPLE_REFS
+
+REFS = SAMPLE_REFS
 INDICES = [3, 11, 17, 24, 30, 41, 52, 60]  # record indices of the test split, shared by all runs
 RESAMPLES = 200
 

@@ -10,6 +10,8 @@ import pytest
 from oloraplus import stats
 from oloraplus.stats import BETTER, UNDECIDED, WORSE
 
+from conftest import SAMPLE_REFS
+
 
 def test_t_quantiles_match_tables_and_large_df_approximation():
     assert stats.t_quantile_975(1) == pytest.approx(12.706, abs=1e-3)
@@ -96,16 +98,7 @@ def test_bootstrap_pools_seeds_per_example_and_is_reproducible():
         stats.paired_bootstrap(np.zeros(3), np.zeros(4), True)
 
 
-REFS = [
-    "the cat sat on the mat near the door",
-    "water boils at one hundred degrees celsius",
-    "paris is the capital city of france",
-    "plants need light water and air to grow",
-    "a triangle has three sides and three angles",
-    "the sun rises in the east every morning",
-    "exercise helps keep the body and mind healthy",
-    "reading books can widen your vocabulary a lot",
-]
+REFS = SAMPLE_REFS
 GOOD = [r.replace("the", "a", 1) for r in REFS]  # close to the references
 BAD = [" ".join(r.split()[:3]) + " something else entirely" for r in REFS]
 

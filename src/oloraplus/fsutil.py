@@ -37,6 +37,14 @@ def atomic_write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
+METRICS_FILE = "metrics.json"
+
+
+def is_finished(run_dir: str | os.PathLike) -> bool:
+    """A run folder with metrics.json (written last, atomically) is finished; any other is redone."""
+    return (Path(run_dir) / METRICS_FILE).is_file()
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]

@@ -29,10 +29,9 @@ import yaml
 
 from oloraplus.config import METHODS, RunConfig, build_config, coerce
 from oloraplus.errors import OLoRAPlusError
-from oloraplus.fsutil import atomic_write_json, atomic_write_text
+from oloraplus.fsutil import METRICS_FILE, atomic_write_json, atomic_write_text, is_finished
 
 RUNS_DIR = "runs"
-METRICS_FILE = "metrics.json"  # the same name train.py writes last; imported lazily there (torch is heavy)
 SELECTION_FILE = "selection.json"
 PROTOCOLS = ("fixed", "tuned", "both")
 SELECTION_SEEDS = ("first", "all")
@@ -285,11 +284,6 @@ def _check_same_config(run_dir: Path, cfg: RunConfig) -> None:
         raise OLoRAPlusError(
             f"{run_dir} was made with a different configuration; use a new study folder or remove that run"
         )
-
-
-def is_finished(run_dir: str | Path) -> bool:
-    """A run folder with metrics.json is finished (the report reads studies without importing torch)."""
-    return (Path(run_dir) / METRICS_FILE).is_file()
 
 
 def _check_finished(configs: list[RunConfig]) -> None:

@@ -22,11 +22,10 @@ from oloraplus.config import RunConfig
 from oloraplus.data import PadCollator, Split, load_records, split_indices, tokenize_records
 from oloraplus.errors import OLoRAPlusError
 from oloraplus.evaluate import evaluate_model, example_losses, corpus_loss
-from oloraplus.fsutil import atomic_write_json, atomic_write_jsonl, atomic_write_text
+from oloraplus.fsutil import METRICS_FILE, atomic_write_json, atomic_write_jsonl, atomic_write_text, is_finished
 from oloraplus.models import load_base
 from oloraplus.optim import loraplus_param_groups
 
-METRICS_FILE = "metrics.json"
 
 
 class OLoRAPlusTrainer(Trainer):
@@ -122,10 +121,6 @@ def use_bf16(precision: str) -> bool:
     if precision == "bf16" and not supported:
         raise OLoRAPlusError("precision bf16 is not supported on this hardware (no native bf16 matmul); use fp32 or auto")
     return supported
-
-
-def is_finished(run_dir: str | Path) -> bool:
-    return (Path(run_dir) / METRICS_FILE).is_file()
 
 
 class PreparedRun:
