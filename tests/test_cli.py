@@ -130,3 +130,10 @@ def test_help_explains_every_option():
     for flag in flat_fields():
         assert f"--{flag}" in text
     assert "default" in text
+
+
+def test_tensorboard_logging_through_trainer(tiny_model_dir, small_data, tmp_path):
+    out = tmp_path / "tb"
+    args = _train_args(tiny_model_dir, small_data, out, "--max_steps", "2", "--report_to", "tensorboard", "--generate", "false")
+    assert main(args) == 0
+    assert list(out.glob("runs/**/events.out.tfevents.*"))
