@@ -1,0 +1,160 @@
+"""Answer generation: ours (merged adapter, batched greedy) vs the baseline (unmerged PEFT, one prompt at a time).
+
+Why: evaluation generates up to max_new_tokens for every test prompt, the longest
+part of the protocol on a CPU. Ours merges the adapter into the base weights
+(one matmul per layer instead of three) and decodes prompts in length-sorted,
+left-padded batches with the KV cache (`oloraplus.evaluate.generate_answers`).
+The baseline is what a PEFT user writes: `peft_model.generate` per prompt, the
+adapter unmerged. Both run in this process on the same OLoRA adapter (B randomly
+perturbed, so the adapter changes the model) and the same prompts (the first N
+of our test split); we report the wall time ratio and how many greedy answers
+are exactly equal (merging and batching change float rounding, so a few may not be).
+
+    python benchmarks/bench_eval.py                          # 16 prompts, 64 new tokens
+    python benchmarks/bench_eval.py --n 500 --max_new_tokens 128   # the protocol's size (hours on 2 cores)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))  # run from a checkout without installing
+
+from oloraplus import adapters  # noqa: E402
+from oloraplus.data import load_records, prompt_ids, split_indices  # noqa: E402
+from oloraplus.evaluate import generate_answers, score_texts  # noqa: E402
+from oloraplus.models import load_base  # noqa: E402
+
+DEFAULT_DATA = os.environ.get("OLORAPLUS_DATA") or str(REPO.parent / "shared" / "data" / "alpaca" / "alpaca_sample.json")
+
+
+@torch.no_grad()
+def perturbed_olora(model, rank: int, alpha: float, perturb: float, seed: int):
+    """An OLoRA adapter whose B moved off its init: B += perturb·std(B)·N(0, 1), so it is not a no-op."""
+    torch.manual_seed(seed)
+    peft_model = adapters.attach_adapter(model, "olora", rank, alpha, 0.0, None)
+    for _, layer in adapters.lora_layers(peft_model):
+        b = layer.lora_B[adapters.ADAPTER].weight
+        b.add_(torch.randn_like(b) * b.std() * perturb)
+    return peft_model.eval()
+
+
+@torch.no_grad()
+def baseline_answers(peft_model, tokenizer, records, max_new_tokens: int) -> tuple[list[str], int]:
+    """One prompt at a time through the unmerged PEFT model: what a plain user loop does."""
+    eos, answers, generated = tokenizer.eos_token_id, [], 0
+    for rec in records:
+        ids = torch.tensor([prompt_ids(tokenizer, rec)])
+        out = peft_model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=eos,
+        )
+        row = out[0, ids.shape[1]:].tolist()
+        if eos in row:
+            row = row[: row.index(eos) + 1]
+        generated += len(row)
+        answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    return answers, generated
+
+
+def common_prefix(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=16, help="test prompts (the first N of our test split) [16]")
+    p.add_argument("--max_new_tokens", type=int, default=64, help="longest answer in tokens [64]")
+    p.add_argument("--batch_size", type=int, default=16, help="our generation batch size [16, our eval default]")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--alpha", type=float, default=16.0)
+    p.add_argument("--perturb", type=float, default=0.1, help="noise on B, relative to std(B) [0.1]")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--data", default=DEFAULT_DATA, help="Alpaca JSON [$OLORAPLUS_DATA or ../shared/data/alpaca/...]")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default) [0]")
+    p.add_argument("--order", default="ours,baseline", help="which runs first [ours,baseline]")
+    p.add_argument("--json", help="also write the figures (and both answer lists) to this JSON file")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}, "
+          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    records = load_records(args.data)
+    test = [records[i] for i in split_indices(len(records), 0, args.n, 0.0, 42, args.data).test]
+    model, tok = load_base(args.model)
+    original = copy.deepcopy(model)
+    peft_model = perturbed_olora(model, args.rank, args.alpha, args.perturb, args.seed)
+    merged = copy.deepcopy(peft_model).merge_and_unload().eval()
+
+    with torch.no_grad():  # the adapter must change the model, else the comparison proves nothing
+        ids = torch.tensor([prompt_ids(tok, test[0])])
+        changed = float((original(input_ids=ids).logits - peft_model(input_ids=ids).logits).abs().max())
+        merge_err = float((merged(input_ids=ids).logits - peft_model(input_ids=ids).logits).abs().max())
+    del original
+    print(f"adapter effect: max |logits(adapted) - logits(base)| = {changed:.3f}; "
+          f"merged vs unmerged max |dlogits| = {merge_err:.2e}")
+
+    # warm-up: one short generation each, so neither side pays first-call set-up in its timing
+    generate_answers(merged, tok, test[:1], 2, 1)
+    baseline_answers(peft_model, tok, test[:1], 2)
+
+    timed = {}
+    for kind in [k.strip() for k in args.order.split(",")]:
+        t0 = time.perf_counter()
+        if kind == "ours":
+            answers, generated = generate_answers(merged, tok, test, args.max_new_tokens, args.batch_size)
+        else:
+            answers, generated = baseline_answers(peft_model, tok, test, args.max_new_tokens)
+        timed[kind] = {"seconds": time.perf_counter() - t0, "generated_tokens": generated, "answers": answers}
+        print(f"{kind:<9} {timed[kind]['seconds']:8.1f} s  {generated:6d} tokens  "
+              f"{generated / timed[kind]['seconds']:6.1f} tokens/s", flush=True)
+
+    o, b = timed["ours"], timed["baseline"]
+    same = [x == y for x, y in zip(o["answers"], b["answers"])]
+    prefixes = [common_prefix(x, y) / max(len(y), 1) for x, y, s in zip(o["answers"], b["answers"], same) if not s]
+    refs = [r["output"] for r in test]
+    so, sb = score_texts(o["answers"], refs), score_texts(b["answers"], refs)
+    speedup = b["seconds"] / o["seconds"]
+    print(f"\n{args.n} prompts, max_new_tokens {args.max_new_tokens}, our batch {args.batch_size}, "
+          f"r={args.rank}, alpha={args.alpha:g}, fp32")
+    print(f"wall time ours/baseline: {o['seconds']:.1f} s / {b['seconds']:.1f} s -> speedup {speedup:.2f}x")
+    print(f"tokens/s: ours {o['generated_tokens'] / o['seconds']:.1f}, baseline {b['generated_tokens'] / b['seconds']:.1f}")
+    print(f"exact-match greedy answers: {sum(same)}/{len(same)} ({sum(same) / len(same):.1%})"
+          + (f"; differing answers agree on their first {100 * sum(prefixes) / len(prefixes):.0f}% of characters "
+             "on average" if prefixes else ""))
+    print(f"ROUGE-L vs references: ours {so['rougeL']:.4f}, baseline {sb['rougeL']:.4f}; "
+          f"BLEU ours {so['bleu']:.2f}, baseline {sb['bleu']:.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "args": vars(args), "speedup": speedup, "exact_match": sum(same) / len(same),
+            "adapter_logit_change": changed, "merge_logit_error": merge_err,
+            "ours": {k: v for k, v in o.items()}, "baseline": {k: v for k, v in b.items()},
+            "rougeL": {"ours": so["rougeL"], "baseline": sb["rougeL"]}, "bleu": {"ours": so["bleu"], "baseline": sb["bleu"]},
+        }, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
