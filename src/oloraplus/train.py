@@ -138,12 +138,12 @@ class PreparedRun:
         self.bf16 = use_bf16(cfg.model.precision)
 
 
-def run_training(cfg: RunConfig, overwrite: bool = False, prepared: PreparedRun | None = None) -> dict[str, Any]:
+def run_training(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
     """Train, evaluate and save one run; returns its metrics (also in run_dir/metrics.json)."""
     out = Path(cfg.output_dir)
     if is_finished(out) and not overwrite:
         raise OLoRAPlusError(f"{out} already holds a finished run ({METRICS_FILE}); pick another output_dir or pass --overwrite")
-    prep = prepared or PreparedRun(cfg)
+    prep = PreparedRun(cfg)
     main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 touches the run folder
     if main_process:
         if out.exists():  # an unfinished (or overwritten) run: start clean so no stale file survives
