@@ -105,7 +105,7 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
 
 def cmd_compare(ns: argparse.Namespace) -> int:
     from oloraplus.config import build_config
-    from oloraplus.study import build_grid, format_table, run_study
+    from oloraplus.study import build_grid, format_table, run_study_parallel
 
     data = _study_file_data(ns)
     grid_data = data.pop("grid", {}) or {}
@@ -116,7 +116,8 @@ def cmd_compare(ns: argparse.Namespace) -> int:
         {name: getattr(ns, name) for name in GRID_FLAGS},
     )
     base = build_config(data, _overrides(ns), source=ns.config or (f"preset {ns.preset}" if ns.preset else "config"))
-    rows = run_study(study_dir, base, grid)  # checks the protocol against the run config before any run
+    workers = _positive_int("workers", ns.workers)
+    rows = run_study_parallel(study_dir, base, grid, workers)  # checks the protocol against the run config before any run
     print("\n" + format_table(rows))
     if not ns.no_report:
         from oloraplus.report import write_report
@@ -124,6 +125,16 @@ def cmd_compare(ns: argparse.Namespace) -> int:
         paths = write_report(study_dir)
         print(f"\nreport: {paths[0]}")
     return 0
+
+
+def _positive_int(name: str, value: Any) -> int:
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = 0
+    if n < 1:
+        raise OLoRAPlusError(f"--{name} must be a whole number >= 1, got '{value}'")
+    return n
 
 
 def cmd_report(ns: argparse.Namespace) -> int:
@@ -175,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
                                              "[default: first]")
     p.add_argument("--probe_fraction", help="tuned: selection runs train this fraction of the full steps, in (0, 1] "
                                             "[default: 1, full-length]")
+    p.add_argument("--workers", default="1", help="processes that train runs at once: several GPUs get one each, "
+                                                  "one GPU is shared, CPU cores are split; the same command started "
+                                                  "on machines sharing the study folder also splits the runs "
+                                                  "[default: 1]")
     p.add_argument("--no_report", action="store_true", help="skip writing the report at the end")
     _add_run_options(p)
     p.set_defaults(func=cmd_compare)

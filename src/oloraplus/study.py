@@ -12,18 +12,29 @@ Two protocols decide which runs are trained and which are compared:
 A run folder with metrics.json is finished and skipped; any other run folder is
 redone from scratch. metrics.json is written atomically and last, so a process
 killed at any moment (kill -9 included) loses at most the run in progress.
+
+Several workers (processes, GPUs or machines sharing the folder) can run one study
+at once: a worker claims a run by holding an exclusive lock on STUDY/.claims/RUN.lock
+while it trains it. The operating system drops the lock when its holder dies, so a
+killed worker's run is simply claimed again; a worker that finds every remaining run
+claimed waits for them, so each returns only when the whole stage is finished.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import math
+import multiprocessing
+import os
 import re
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 
@@ -32,6 +43,9 @@ from oloraplus.errors import OLoRAPlusError
 from oloraplus.fsutil import METRICS_FILE, atomic_write_json, atomic_write_text, is_finished
 
 RUNS_DIR = "runs"
+CLAIMS_DIR = ".claims"
+WORKER_LOGS_DIR = "workers"
+WAIT_POLL_S = 5.0
 SELECTION_FILE = "selection.json"
 PROTOCOLS = ("fixed", "tuned", "both")
 SELECTION_SEEDS = ("first", "all")
@@ -371,23 +385,63 @@ def _outcome(metrics: dict[str, Any]) -> str:
     return f", val loss {metrics.get('val_loss', math.nan):.4f} (validation only)"
 
 
+@contextmanager
+def claim_run(study_dir: Path, run_id: str) -> Iterator[bool]:
+    """Yield True while this process holds the run's lock, False if another worker holds it.
+
+    A POSIX record lock (lockf) rather than a lock file's mere existence: the lock
+    goes with its holder when that process ends, kill -9 included, so there is no
+    stale claim to clean up; lockf also works across machines on NFS.
+    """
+    path = study_dir / CLAIMS_DIR / f"{run_id}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.lockf(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
 def _run_all(study_dir: Path, stage: str, specs: list[RunSpec], configs: list[RunConfig]) -> None:
-    """Train every unfinished run of `specs`, in order, with progress and an ETA."""
+    """Train every unfinished run of `specs` not claimed by another worker, in order, with progress and an ETA;
+    then wait for the runs other workers hold, so that the stage is finished when this returns."""
     from oloraplus.train import run_training
 
     todo = [i for i, cfg in enumerate(configs) if not is_finished(cfg.output_dir)]
     print(f"study {study_dir} ({stage}): {len(specs)} runs, {len(specs) - len(todo)} already finished, "
           f"{len(todo)} to run", flush=True)
     durations: list[float] = []
-    for n, i in enumerate(todo, 1):
-        spec, cfg = specs[i], configs[i]
-        eta = f", ETA for the rest {_fmt_seconds(sum(durations) / len(durations) * (len(todo) - n + 1))}" if durations else ""
-        print(f"\n[{stage} run {i + 1}/{len(specs)}] {spec.run_id} ({n} of {len(todo)} this sitting{eta})", flush=True)
-        t0 = time.perf_counter()
-        metrics = run_training(cfg, overwrite=True)
-        durations.append(time.perf_counter() - t0)
-        print(f"[{stage} run {i + 1}/{len(specs)}] {metrics['status']}{_outcome(metrics)} "
-              f"in {_fmt_seconds(durations[-1])}", flush=True)
+    waiting_for: list[str] = []
+    while todo:
+        for i in todo:
+            spec, cfg = specs[i], configs[i]
+            with claim_run(study_dir, spec.run_id) as mine:
+                if not mine or is_finished(cfg.output_dir):  # held by, or just finished by, another worker
+                    continue
+                left = sum(not is_finished(c.output_dir) for c in configs)
+                eta = f", ETA {_fmt_seconds(sum(durations) / len(durations) * left)} if this worker ran them all" \
+                    if durations else ""
+                print(f"\n[{stage} run {i + 1}/{len(specs)}] {spec.run_id} ({left} left{eta})", flush=True)
+                t0 = time.perf_counter()
+                metrics = run_training(cfg, overwrite=True)
+                durations.append(time.perf_counter() - t0)
+                print(f"[{stage} run {i + 1}/{len(specs)}] {metrics['status']}{_outcome(metrics)} "
+                      f"in {_fmt_seconds(durations[-1])}", flush=True)
+        todo = [i for i in todo if not is_finished(configs[i].output_dir)]
+        held = [specs[i].run_id for i in todo]
+        if held and held != waiting_for:
+            print(f"waiting for {len(held)} run(s) other workers are training: {', '.join(held)}", flush=True)
+        waiting_for = held
+        if todo:
+            time.sleep(WAIT_POLL_S)
 
 
 def run_selection(study_dir: Path, base: RunConfig, grid: GridConfig, specs: list[RunSpec]) -> dict[str, dict[str, Any]]:
@@ -422,6 +476,71 @@ def run_study(study_dir: str | Path, base: RunConfig, grid: GridConfig) -> list[
     _check_finished(final_configs)
     _run_all(study_dir, "test", finals, final_configs)
     return collect_metrics(study_dir, finals)
+
+
+def _worker_main(study_dir: str, base: RunConfig, grid: GridConfig, index: int, threads: int, gpu: str | None) -> None:
+    """A helper worker of `run_studies_in_parallel`: its output goes to STUDY/workers/worker{index}.log."""
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    log = Path(study_dir) / WORKER_LOGS_DIR / f"worker{index}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a", buffering=1, encoding="utf-8") as f:
+        sys.stdout = sys.stderr = f
+        import torch
+
+        torch.set_num_threads(threads)
+        run_study(study_dir, base, grid)
+
+
+def _gpu_ids() -> list[str]:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [g for g in visible.split(",") if g.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def run_study_parallel(study_dir: str | Path, base: RunConfig, grid: GridConfig, workers: int) -> list[dict[str, Any]]:
+    """Run the study with `workers` processes: this one and workers - 1 helpers started here.
+
+    On several GPUs worker k gets GPU k mod n; on one GPU they share it (a small
+    model leaves most of an accelerator idle between kernel launches); on a CPU
+    the cores are split between them.
+    """
+    if workers <= 1:
+        return run_study(study_dir, base, grid)
+    check_protocol(base, grid)
+    _check_finished([spec_config(base, s, Path(study_dir)) for s in selection_specs(grid) + final_specs(base, grid, None)])
+    import torch
+
+    gpus = _gpu_ids() if torch.cuda.is_available() else []
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch or CUDA state
+    helpers = []
+    for k in range(1, workers):
+        gpu = gpus[k % len(gpus)] if len(gpus) > 1 else None
+        proc = ctx.Process(target=_worker_main, args=(str(study_dir), base, grid, k, threads, gpu), daemon=False)
+        proc.start()
+        helpers.append(proc)
+    print(f"{workers} workers: this one and {workers - 1} helper(s), logs in {Path(study_dir) / WORKER_LOGS_DIR}",
+          flush=True)
+    if len(gpus) > 1:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus[0]
+    torch.set_num_threads(threads)
+    try:
+        rows = run_study(study_dir, base, grid)
+    except BaseException:
+        for proc in helpers:  # they would meet the same error; an interrupt stops them all
+            proc.terminate()
+        raise
+    finally:
+        for proc in helpers:
+            proc.join()
+    failed = [f"worker{k}" for k, proc in enumerate(helpers, 1) if proc.exitcode != 0]
+    if failed:
+        raise OLoRAPlusError(f"{', '.join(failed)} failed: see {Path(study_dir) / WORKER_LOGS_DIR}")
+    return rows
 
 
 def _read_metrics(study_dir: Path, specs: list[RunSpec]) -> list[dict[str, Any] | None]:
