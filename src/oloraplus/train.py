@@ -67,8 +67,9 @@ class DynamicsCallback(TrainerCallback):
     def record(self, model: torch.nn.Module, step: int) -> None:
         d_a, d_b, drift = [], [], []
         for name, layer in adapters.lora_layers(model):
-            a = layer.lora_A[adapters.ADAPTER].weight.float()
-            b = layer.lora_B[adapters.ADAPTER].weight.float()
+            # the snapshot stays on the CPU (taken before the Trainer moves the model to an accelerator)
+            a = layer.lora_A[adapters.ADAPTER].weight.float().cpu()
+            b = layer.lora_B[adapters.ADAPTER].weight.float().cpu()
             a0, b0 = self.initial[name]
             d_a.append(float(torch.linalg.norm(a - a0)))
             d_b.append(float(torch.linalg.norm(b - b0)))
