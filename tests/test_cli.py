@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from oloraplus.cli import main
 
@@ -37,6 +38,7 @@ def test_train_writes_a_complete_run_folder(finished_run):
         assert (out / name).is_file(), name
     m = json.loads((out / "metrics.json").read_text())
     assert m["status"] == "finished" and m["method"] == "olora+" and m["lr_ratio"] == 0.25
+    assert m["device"] == (torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
     assert m["n_train"] == 24 and m["n_test"] == 6 and m["train_steps"] == 6 and m["train_tokens"] > 0
     for key in ("eval_loss", "bleu", "rouge1", "rouge2", "rougeL"):
         assert isinstance(m[key], float), key

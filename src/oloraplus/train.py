@@ -115,6 +115,11 @@ def bf16_supported() -> bool:
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def device_name() -> str:
+    """What trained the run: the GPU's name, or 'cpu'."""
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
 def use_bf16(precision: str) -> bool:
     if precision == "fp32":
         return False
@@ -230,6 +235,7 @@ def run_training(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
         "train_tokens": tokens,
         "train_tokens_per_s": tokens / train_seconds if train_seconds else None,
         "precision": "bf16" if prep.bf16 else "fp32",
+        "device": device_name(),  # timings of one study can come from several machines
         "final_train_loss": next((h["loss"] for h in reversed(history) if "loss" in h), None),
     }
     if divergence.diverged_step is not None:
