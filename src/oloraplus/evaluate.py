@@ -16,6 +16,7 @@ import sacrebleu
 import torch
 import torch.nn.functional as F
 from rouge_score import rouge_scorer
+from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from oloraplus.data import IGNORE_INDEX, PadCollator, prompt_ids, tokenize_example
@@ -100,6 +101,8 @@ def generate_answers(
     )
     answers: list[str] = [""] * len(records)
     generated = 0
+    # generation is most of a run's evaluation time (minutes on a CPU): show it like training's bar
+    progress = tqdm(total=len(records), desc="generating answers", unit="answer", leave=False)
     for idx in _length_batches([len(p) for p in prompts], batch_size):
         width = max(len(prompts[i]) for i in idx)
         ids = torch.full((len(idx), width), pad, dtype=torch.long)
@@ -117,6 +120,8 @@ def generate_answers(
                 row = row[: row.index(tokenizer.eos_token_id) + 1]
             generated += len(row)
             answers[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
+        progress.update(len(idx))
+    progress.close()
     return answers, generated
 
 
