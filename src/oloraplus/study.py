@@ -427,7 +427,7 @@ def _run_all(study_dir: Path, stage: str, specs: list[RunSpec], configs: list[Ru
                 if not mine or is_finished(cfg.output_dir):  # held by, or just finished by, another worker
                     continue
                 left = sum(not is_finished(c.output_dir) for c in configs)
-                eta = f", ETA {_fmt_seconds(sum(durations) / len(durations) * left)} if this worker ran them all" \
+                eta = f", ETA {_fmt_seconds(sum(durations) / len(durations) * left)} at this worker's pace" \
                     if durations else ""
                 print(f"\n[{stage} run {i + 1}/{len(specs)}] {spec.run_id} ({left} left{eta})", flush=True)
                 t0 = time.perf_counter()
