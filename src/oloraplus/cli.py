@@ -128,10 +128,9 @@ def cmd_compare(ns: argparse.Namespace) -> int:
 
 
 def _positive_int(name: str, value: Any) -> int:
-    try:
-        n = int(value)
-    except (TypeError, ValueError):
-        n = 0
+    from oloraplus.config import coerce
+
+    n = coerce(name, value, int)
     if n < 1:
         raise OLoRAPlusError(f"--{name} must be a whole number >= 1, got '{value}'")
     return n

@@ -455,15 +455,20 @@ def run_selection(study_dir: Path, base: RunConfig, grid: GridConfig, specs: lis
     return selection
 
 
+def _check_study(study_dir: Path, base: RunConfig, grid: GridConfig) -> list[RunConfig]:
+    """The protocol against the run config, and no finished run made with another config; the known run configs."""
+    check_protocol(base, grid)
+    configs = [spec_config(base, s, study_dir) for s in selection_specs(grid) + final_specs(base, grid, None)]
+    _check_finished(configs)
+    return configs
+
+
 def run_study(study_dir: str | Path, base: RunConfig, grid: GridConfig) -> list[dict[str, Any]]:
     """Run every unfinished run of the study; return the metrics of all finished test-evaluated runs, in order."""
     from oloraplus.train import PreparedRun
 
     study_dir = Path(study_dir)
-    check_protocol(base, grid)
-    known = selection_specs(grid) + final_specs(base, grid, None)
-    configs = [spec_config(base, s, study_dir) for s in known]
-    _check_finished(configs)
+    configs = _check_study(study_dir, base, grid)
     PreparedRun(configs[0])  # validates data, split, model and targets before anything is written
     study_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(
@@ -479,7 +484,7 @@ def run_study(study_dir: str | Path, base: RunConfig, grid: GridConfig) -> list[
 
 
 def _worker_main(study_dir: str, base: RunConfig, grid: GridConfig, index: int, threads: int, gpu: str | None) -> None:
-    """A helper worker of `run_studies_in_parallel`: its output goes to STUDY/workers/worker{index}.log."""
+    """A helper worker of `run_study_parallel`: its output goes to STUDY/workers/worker{index}.log."""
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     log = Path(study_dir) / WORKER_LOGS_DIR / f"worker{index}.log"
@@ -510,8 +515,7 @@ def run_study_parallel(study_dir: str | Path, base: RunConfig, grid: GridConfig,
     """
     if workers <= 1:
         return run_study(study_dir, base, grid)
-    check_protocol(base, grid)
-    _check_finished([spec_config(base, s, Path(study_dir)) for s in selection_specs(grid) + final_specs(base, grid, None)])
+    _check_study(Path(study_dir), base, grid)  # before any helper starts, so a bad config fails once
     import torch
 
     gpus = _gpu_ids() if torch.cuda.is_available() else []
