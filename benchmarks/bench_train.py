@@ -198,6 +198,7 @@ def worker_ours(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
             "max_steps": args.max_steps,
             "max_length": args.max_length,
             "seed": args.seed,
+            "dynamics_every": args.dynamics_every,
             "generate": False,
             "output_dir": str(out_dir / "ours_run"),
         },
@@ -362,7 +363,7 @@ def run_worker(kind: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]
     result = tmp / f"{kind}.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--result", str(result), "--tmp", str(tmp)]
     for key in ("model", "data", "n_train", "max_steps", "batch_size", "rank", "alpha", "dropout", "lr", "lr_ratio",
-                "max_length", "seed", "threads"):
+                "max_length", "seed", "threads", "dynamics_every"):
         cmd += [f"--{key}", str(getattr(args, key))]
     if args.profile:
         cmd.append("--profile")
@@ -466,6 +467,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--data", default=DEFAULT_DATA, help="Alpaca JSON [$OLORAPLUS_DATA or ../shared/data/alpaca/...]")
     p.add_argument("--threads", type=int, default=0, help="torch threads in each worker (0: torch's default) [0]")
+    p.add_argument("--dynamics_every", type=int, default=10,
+                   help="ours: learning-dynamics snapshot every N steps (our default 10; the baseline has none) [10]")
     p.add_argument("--peak_n", type=int, default=2048, help="matmul size for the fp32 peak [2048]")
     p.add_argument("--profile", action="store_true", help="torch.profiler over each training run; prints top ops")
     p.add_argument("--padding_n", type=int, default=1000,
