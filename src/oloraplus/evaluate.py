@@ -14,12 +14,12 @@ from typing import Any, Iterator
 
 import sacrebleu
 import torch
-import torch.nn.functional as F
 from rouge_score import rouge_scorer
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from oloraplus.data import IGNORE_INDEX, PadCollator, prompt_ids, tokenize_example
+from oloraplus.data import PadCollator, prompt_ids, tokenize_example
+from oloraplus.loss import response_token_losses
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 
@@ -56,11 +56,7 @@ def example_losses(
         idx = [kept[j] for j in batch_ids]
         batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx]).items()}
         with autocast_context(model, bf16):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"][:, 1:]
-        mask = labels != IGNORE_INDEX
-        # only the response positions go through the float32 cross-entropy
-        token_loss = F.cross_entropy(logits[:, :-1][mask].float(), labels[mask], reduction="none")
+            token_loss, mask = response_token_losses(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
         row = mask.nonzero()[:, 0]
         sums = torch.zeros(len(idx), device=device).index_add_(0, row, token_loss)
         counts = mask.sum(1)

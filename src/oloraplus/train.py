@@ -23,6 +23,7 @@ from oloraplus.data import PadCollator, Split, load_records, split_indices, toke
 from oloraplus.errors import OLoRAPlusError
 from oloraplus.evaluate import evaluate_model, example_losses, corpus_loss
 from oloraplus.fsutil import METRICS_FILE, atomic_write_json, atomic_write_jsonl, atomic_write_text, is_finished
+from oloraplus.loss import decoder_and_head, response_token_losses
 from oloraplus.models import load_base
 from oloraplus.optim import loraplus_param_groups
 
@@ -49,6 +50,22 @@ class OLoRAPlusTrainer(Trainer):
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
             self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The stock causal-LM loss, with the LM head run only at labelled positions (see loss.py).
+
+        Falls back to Trainer's own path where that path does more than a plain loss:
+        outputs wanted, a label smoother or custom loss, or a wrapped model (DDP, whose
+        gradient sync needs the forward to go through the wrapper).
+        """
+        plain = not return_outputs and self.label_smoother is None and self.compute_loss_func is None
+        if not plain or self.accelerator.unwrap_model(model) is not model or decoder_and_head(model) is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        token_loss, _ = response_token_losses(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
+        # the same normalisation as the model's own loss, so Trainer's accumulation scaling stays right
+        if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+            return token_loss.sum() / num_items_in_batch
+        return token_loss.mean()
 
 
 class DynamicsCallback(TrainerCallback):

@@ -1,0 +1,76 @@
+"""Response-only loss: the LM head sees only labelled positions, yet loss and gradients equal the model's own."""
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
+
+from oloraplus.data import IGNORE_INDEX, PadCollator
+from oloraplus.loss import decoder_and_head, response_token_losses
+from oloraplus.train import OLoRAPlusTrainer
+
+from conftest import build_tiny_llama
+
+
+def _batch(vocab: int) -> dict[str, torch.Tensor]:
+    """Three right-padded examples of different lengths whose first tokens are prompt (label -100)."""
+    g = torch.Generator().manual_seed(0)
+    features = []
+    for n, prompt in ((13, 5), (9, 4), (6, 2)):
+        ids = torch.randint(3, vocab, (n,), generator=g).tolist()
+        features.append({"input_ids": ids, "labels": [IGNORE_INDEX] * prompt + ids[prompt:]})
+    return PadCollator(pad_token_id=2)(features)
+
+
+def _lora_llama():
+    model = get_peft_model(build_tiny_llama(97), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
+    for name, p in model.named_parameters():  # B = 0 would leave A without gradient: give both a value
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    return model
+
+
+def _lora_grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_head_runs_only_on_labelled_positions_with_the_same_loss_and_gradients():
+    model = _lora_llama()
+    batch = _batch(97)
+    n_labelled = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    rows = []
+    hook = model.get_base_model().lm_head.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[:-1].numel()))
+
+    model(**batch).loss.backward()
+    expected, expected_grads = model(**batch).loss.detach(), _lora_grads(model)
+    model.zero_grad()
+    token_loss, mask = response_token_losses(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    token_loss.mean().backward()
+    hook.remove()
+
+    assert rows[-1] == n_labelled < batch["input_ids"].numel()  # the stock forward ran the head on every position
+    assert int(mask.sum()) == n_labelled and token_loss.shape == (n_labelled,)
+    assert token_loss.mean().item() == pytest.approx(expected.item(), rel=1e-5)
+    got = _lora_grads(model)
+    assert got.keys() == expected_grads.keys() and got
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_unknown_family_falls_back_to_the_models_own_forward():
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=32, n_layer=1, n_head=2, n_positions=64)).eval()  # no dropout
+    batch = _batch(97)
+    assert decoder_and_head(model) is None
+    token_loss, _ = response_token_losses(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    assert token_loss.mean().item() == pytest.approx(model(**batch).loss.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("num_items", [None, 40])
+def test_trainer_loss_equals_the_stock_trainer_loss(tmp_path, num_items):
+    model = _lora_llama()
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_train_batch_size=3)
+    trainer = OLoRAPlusTrainer(model=model, args=args, lr_ratio=4.0)
+    batch = _batch(97)
+    ours = trainer.compute_loss(model, dict(batch), num_items_in_batch=num_items)
+    stock = super(OLoRAPlusTrainer, trainer).compute_loss(model, dict(batch), num_items_in_batch=num_items)
+    assert ours.item() == pytest.approx(stock.item(), rel=1e-5)
