@@ -20,6 +20,7 @@ from oloraplus.study import (
     build_grid,
     check_protocol,
     choose_lrs,
+    final_specs,
     full_steps,
     probe_steps,
     run_selection,
@@ -144,6 +145,17 @@ def test_final_runs_cover_both_protocols_over_all_seeds(tuned):
         for seed in (0, 1):
             assert f"{method}_lam{lam}_lr{FIXED_LR:g}_seed{seed}" in names  # protocol fixed
             assert f"{method}_lam{lam}_lr{chosen:g}_seed{seed}" in names  # protocol tuned (reused when equal)
+
+
+def test_within_a_seed_the_tuned_runs_come_before_the_fixed_ones():
+    grid = build_grid(GRID)
+    chosen = {"olora": 2e-2, "olora+": 3e-3}  # olora+'s lr is in neither protocol's fixed runs
+    selection = {f"{m}/{r:g}": {"method": m, "lr_ratio": r, "chosen_lr": chosen[m]} for m, r in (("olora", 1.0), ("olora+", 4.0))}
+    specs = final_specs(build_config(), grid, selection)
+    assert len(specs) == len(set(specs)) == 2 * 4  # per seed: 2 tuned + 2 fixed runs
+    for seed in (0, 1):
+        is_tuned = [s.lr == chosen[s.method] for s in specs if s.seed == seed]
+        assert is_tuned == [True, True, False, False], specs  # every tuned run before any fixed one
 
 
 def test_report_shows_heatmap_selection_and_both_verdict_tables(tuned, tmp_path):

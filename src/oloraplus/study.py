@@ -248,8 +248,12 @@ def tuned_specs(grid: GridConfig, selection: dict[str, dict[str, Any]]) -> list[
 
 
 def final_specs(base: RunConfig, grid: GridConfig, selection: dict[str, dict[str, Any]] | None) -> list[RunSpec]:
-    """The test-evaluated runs of both protocols, seed-major, each run once (a tuned run at fixed_lr is reused)."""
-    specs = expand_grid(base, grid) + (tuned_specs(grid, selection) if selection else [])
+    """The test-evaluated runs of both protocols, seed-major, each run once (a tuned run at fixed_lr is reused).
+
+    Within a seed the tuned runs come first: a study stopped part-way then holds the fair
+    comparison (each method at its own lr) for as many seeds as possible.
+    """
+    specs = (tuned_specs(grid, selection) if selection else []) + expand_grid(base, grid)
     specs.sort(key=lambda s: grid.seeds.index(s.seed))  # stable: keeps the order within a seed
     return list(dict.fromkeys(specs))
 
