@@ -4,8 +4,10 @@
 # (128 new tokens). Chains bench_train.py and bench_eval.py at full size and sums
 # train (whole subprocess: load, init, train) + generation per side.
 #
-# Hours on a 2-core CPU (see docs/benchmarks.md): not run there. Sizes can be cut:
+# Hours on a 2-core CPU (see docs/benchmarks.md). Sizes can be cut:
 #   N_TRAIN=64 N_TEST=16 NEW_TOKENS=64 benchmarks/bench_protocol.sh
+# REUSE=1 keeps a stage whose JSON is already in $OUT (a sitting too short for both
+# stages can run them one after the other; each stage is still ours vs baseline side by side).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -17,12 +19,20 @@ OUT_DIR=${OUT:-benchmarks/protocol_out}
 mkdir -p "$OUT_DIR"
 export PYTHONWARNINGS=ignore
 
-echo "== training: $N_TRAIN examples, batch $BATCH, one epoch"
-"$PY" benchmarks/bench_train.py --n_train "$N_TRAIN" --batch_size "$BATCH" --json "$OUT_DIR/train.json" \
-  | tee "$OUT_DIR/train.log"
-echo "== generation: $N_TEST prompts, max_new_tokens $NEW_TOKENS"
-"$PY" benchmarks/bench_eval.py --n "$N_TEST" --max_new_tokens "$NEW_TOKENS" --json "$OUT_DIR/eval.json" \
-  | tee "$OUT_DIR/eval.log"
+if [[ ${REUSE:-0} == 1 && -s $OUT_DIR/train.json ]]; then
+  echo "== training: reusing $OUT_DIR/train.json"
+else
+  echo "== training: $N_TRAIN examples, batch $BATCH, one epoch"
+  "$PY" benchmarks/bench_train.py --n_train "$N_TRAIN" --batch_size "$BATCH" --json "$OUT_DIR/train.json" \
+    | tee "$OUT_DIR/train.log"
+fi
+if [[ ${REUSE:-0} == 1 && -s $OUT_DIR/eval.json ]]; then
+  echo "== generation: reusing $OUT_DIR/eval.json"
+else
+  echo "== generation: $N_TEST prompts, max_new_tokens $NEW_TOKENS"
+  "$PY" benchmarks/bench_eval.py --n "$N_TEST" --max_new_tokens "$NEW_TOKENS" --json "$OUT_DIR/eval.json" \
+    | tee "$OUT_DIR/eval.log"
+fi
 
 "$PY" - "$OUT_DIR" <<'EOF'
 import json, sys
@@ -30,6 +40,8 @@ from pathlib import Path
 out = Path(sys.argv[1])
 train = json.loads((out / "train.json").read_text())["results"]
 ev = json.loads((out / "eval.json").read_text())
+print(f"\nsizes: training {train['ours']['steps']} steps, {train['ours']['real_tokens']:,} real tokens; "
+      f"generation {ev['args']['n']} test prompts x at most {ev['args']['max_new_tokens']} new tokens")
 total = {k: train[k]["subprocess_seconds"] + ev[k]["seconds"] for k in ("ours", "baseline")}
 print(f"\nprotocol wall time (train subprocess + generation):")
 for k in ("ours", "baseline"):
