@@ -23,7 +23,7 @@ from oloraplus.data import PadCollator, Split, load_records, split_indices, toke
 from oloraplus.errors import OLoRAPlusError
 from oloraplus.evaluate import evaluate_model, example_losses, corpus_loss
 from oloraplus.fsutil import METRICS_FILE, atomic_write_json, atomic_write_jsonl, atomic_write_text, is_finished
-from oloraplus.loss import decoder_and_head, response_token_losses
+from oloraplus.loss import response_token_losses
 from oloraplus.models import load_base
 from oloraplus.optim import loraplus_param_groups
 
@@ -56,10 +56,11 @@ class OLoRAPlusTrainer(Trainer):
 
         Falls back to Trainer's own path where that path does more than a plain loss:
         outputs wanted, a label smoother or custom loss, or a wrapped model (DDP, whose
-        gradient sync needs the forward to go through the wrapper).
+        gradient sync needs the forward to go through the wrapper). Families loss.py does not
+        know get the full logits from response_token_losses itself.
         """
         plain = not return_outputs and self.label_smoother is None and self.compute_loss_func is None
-        if not plain or self.accelerator.unwrap_model(model) is not model or decoder_and_head(model) is None:
+        if not plain or self.accelerator.unwrap_model(model) is not model:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         token_loss, _ = response_token_losses(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
         # the same normalisation as the model's own loss, so Trainer's accumulation scaling stays right
