@@ -6,7 +6,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
 
 from oloraplus.data import IGNORE_INDEX, PadCollator
-from oloraplus.loss import decoder_and_head, response_token_losses
+from oloraplus import loss as loss_module
+from oloraplus.loss import decoder_and_head, head_token_losses, response_token_losses
 from oloraplus.train import OLoRAPlusTrainer
 
 from conftest import build_tiny_llama
@@ -34,21 +35,21 @@ def _lora_grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def test_head_runs_only_on_labelled_positions_with_the_same_loss_and_gradients():
+def test_head_runs_only_on_labelled_positions_with_the_same_loss_and_gradients(monkeypatch):
     model = _lora_llama()
     batch = _batch(97)
     n_labelled = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     rows = []
-    hook = model.get_base_model().lm_head.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[:-1].numel()))
+    head_losses = loss_module.head_token_losses
+    monkeypatch.setattr(loss_module, "head_token_losses", lambda head, h, t: rows.append(h.shape[0]) or head_losses(head, h, t))
 
     model(**batch).loss.backward()
     expected, expected_grads = model(**batch).loss.detach(), _lora_grads(model)
     model.zero_grad()
     token_loss, mask = response_token_losses(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
     token_loss.mean().backward()
-    hook.remove()
 
-    assert rows[-1] == n_labelled < batch["input_ids"].numel()  # the stock forward ran the head on every position
+    assert rows == [n_labelled] and n_labelled < batch["input_ids"].numel()
     assert int(mask.sum()) == n_labelled and token_loss.shape == (n_labelled,)
     assert token_loss.mean().item() == pytest.approx(expected.item(), rel=1e-5)
     got = _lora_grads(model)
@@ -74,3 +75,27 @@ def test_trainer_loss_equals_the_stock_trainer_loss(tmp_path, num_items):
     ours = trainer.compute_loss(model, dict(batch), num_items_in_batch=num_items)
     stock = super(OLoRAPlusTrainer, trainer).compute_loss(model, dict(batch), num_items_in_batch=num_items)
     assert ours.item() == pytest.approx(stock.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("chunk_bytes", [4 * 97 * 3, 1 << 30])  # chunks of 3 rows, and one chunk
+def test_frozen_head_loss_in_chunks_equals_cross_entropy_with_the_same_gradient(monkeypatch, chunk_bytes):
+    monkeypatch.setattr(loss_module, "LOGITS_CHUNK_BYTES", chunk_bytes)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 97, bias=False).requires_grad_(False)
+    hidden = torch.randn(11, 16, requires_grad=True)
+    targets = torch.randint(0, 97, (11,))
+    weights = torch.rand(11)  # a weighted sum, so every row's gradient scale matters
+    (head_token_losses(head, hidden, targets) * weights).sum().backward()
+    got_loss, got_grad = head_token_losses(head, hidden, targets).detach(), hidden.grad.clone()
+    hidden.grad = None
+    expected = torch.nn.functional.cross_entropy(head(hidden), targets, reduction="none")
+    (expected * weights).sum().backward()
+    torch.testing.assert_close(got_loss, expected.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_grad, hidden.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_a_trained_head_gets_its_gradient_through_the_plain_path():
+    head = torch.nn.Linear(16, 97, bias=False)
+    hidden = torch.randn(5, 16)
+    head_token_losses(head, hidden, torch.randint(0, 97, (5,))).sum().backward()
+    assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0

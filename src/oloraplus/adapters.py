@@ -123,6 +123,11 @@ def adapter_snapshot(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Te
     }
 
 
+def merge_saved_adapter(base: PreTrainedModel, adapter_dir: str | Path) -> PreTrainedModel:
+    """The original base model with an adapter saved by `save_adapter` merged into its weights."""
+    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+
+
 def save_adapter(model: PeftModel, out_dir: str | Path, init: str, initial: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Save in PEFT format so it applies to the ORIGINAL base model.
 

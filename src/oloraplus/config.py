@@ -113,7 +113,19 @@ class TrainConfig:
     seed: int = _help("training seed: adapter init, data order, dropout", default=0)
     logging_steps: int = _help("log the training loss every N steps", default=5)
     dynamics_every: int = _help("record |A-A0|, |B-B0| and subspace drift every N steps", default=10)
-    group_by_length: bool = _help("group batches by length to waste little padding", default=True)
+    group_by_length: bool = _help(
+        "draw batches of similar length (less padding, but a biased order); off: random order, as a stock Trainer",
+        default=False,
+    )
+    packing: bool = _help(
+        "lay each batch's examples end to end with attention kept inside each example: no padding, same gradient",
+        default=True,
+    )
+    micro_batch_tokens: int = _help(
+        "most tokens in one forward/backward: a longer packed batch is trained as several packs of whole "
+        "examples (same gradient, bounded activation memory; 0 = the whole batch at once)",
+        default=2048,
+    )
     report_to: str = _help("Trainer loggers: none | tensorboard", default="none")
 
 
@@ -279,6 +291,8 @@ def validate(cfg: RunConfig) -> None:
     _finite_positive("lr", t.lr)
     if t.epochs <= 0 and t.max_steps <= 0:
         raise OLoRAPlusError("set epochs > 0 or max_steps > 0")
+    if t.micro_batch_tokens < 0:
+        raise OLoRAPlusError(f"micro_batch_tokens must be >= 0, got {t.micro_batch_tokens}")
     for name in ("batch_size", "grad_accum", "logging_steps", "dynamics_every"):
         if getattr(t, name) <= 0:
             raise OLoRAPlusError(f"{name} must be > 0, got {getattr(t, name)}")

@@ -16,10 +16,11 @@ import sacrebleu
 import torch
 from rouge_score import rouge_scorer
 from tqdm.auto import tqdm
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from oloraplus.data import PadCollator, prompt_ids, tokenize_example
-from oloraplus.loss import response_token_losses
+from oloraplus.loss import batch_token_losses, decoder_and_head
+from oloraplus.packing import PackCollator, use_packed_attention
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 
@@ -45,21 +46,34 @@ def example_losses(
     batch_size: int,
     bf16: bool = False,
 ) -> list[tuple[float, int]]:
-    """(summed response-token loss, response tokens) per record; (nan, 0) where truncation left none."""
+    """(summed response-token loss, response tokens) per record; (nan, 0) where truncation left none.
+
+    Known families run packed batches of `batch_size` examples (no padding; packing.py),
+    others right-padded ones; the sums agree to float rounding.
+    """
     model.eval()
     device = next(model.parameters()).device
     examples = [tokenize_example(tokenizer, r, max_length) for r in records]
     out: list[tuple[float, int]] = [(math.nan, 0)] * len(records)
     kept = [i for i, ex in enumerate(examples) if ex is not None]
-    collate = PadCollator(tokenizer.pad_token_id)
+    packed = decoder_and_head(model) is not None
+    if packed:
+        use_packed_attention(model)
+    collate = PackCollator() if packed else PadCollator(tokenizer.pad_token_id)
     for batch_ids in _length_batches([examples[i]["length"] for i in kept], batch_size):
         idx = [kept[j] for j in batch_ids]
-        batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx]).items()}
+        batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in collate([examples[i] for i in idx]).items()}
         with autocast_context(model, bf16):
-            token_loss, mask = response_token_losses(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-        row = mask.nonzero()[:, 0]
+            token_loss, mask = batch_token_losses(model, batch)
+        if packed:  # which example each labelled target belongs to
+            lengths = [examples[i]["length"] for i in idx]
+            owner = torch.repeat_interleave(torch.arange(len(idx), device=device), torch.tensor(lengths, device=device))
+            row = owner[1:][mask[0]]
+            counts = torch.zeros(len(idx), dtype=torch.long, device=device).index_add_(0, row, torch.ones_like(row))
+        else:
+            row = mask.nonzero()[:, 0]
+            counts = mask.sum(1)
         sums = torch.zeros(len(idx), device=device).index_add_(0, row, token_loss)
-        counts = mask.sum(1)
         for k, i in enumerate(idx):
             out[i] = (float(sums[k]), int(counts[k]))
     return out
@@ -73,6 +87,52 @@ def corpus_loss(losses: list[tuple[float, int]]) -> float:
 
 
 @torch.no_grad()
+def greedy_decode(
+    model: PreTrainedModel, prompts: list[list[int]], max_new_tokens: int, eos_token_id: int, pad_token_id: int
+) -> list[list[int]]:
+    """Greedy continuations of a batch of prompts (left-padded, KV cache), EOS included where emitted.
+
+    The same tokens as `model.generate(do_sample=False)` with the same positions and
+    mask, but a row leaves the batch (and its cache) as soon as it emits EOS:
+    generate keeps computing finished rows until the longest answer ends.
+    """
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for k, p in enumerate(prompts):
+        ids[k, width - len(p) :] = torch.tensor(p)
+        mask[k, width - len(p) :] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).masked_fill_(mask == 0, 0)  # as generate computes them
+    cache = DynamicCache(config=model.config)
+    logits = model(
+        input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
+    ).logits[:, -1]
+    alive = torch.arange(len(prompts), device=device)
+    next_position = positions[:, -1] + 1
+    answers: list[list[int]] = [[] for _ in prompts]
+    for step in range(max_new_tokens):
+        tokens = logits.float().argmax(-1)
+        for row, token in zip(alive.tolist(), tokens.tolist()):
+            answers[row].append(token)
+        going = tokens != eos_token_id
+        if step == max_new_tokens - 1 or not bool(going.any()):
+            break
+        if not bool(going.all()):
+            keep = going.nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            alive, tokens, mask, next_position = alive[keep], tokens[keep], mask[keep], next_position[keep]
+        mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=1)
+        logits = model(
+            input_ids=tokens[:, None], attention_mask=mask, position_ids=next_position[:, None],
+            cache=cache, use_cache=True,
+        ).logits[:, -1]
+        next_position = next_position + 1
+    return answers
+
+
+@torch.no_grad()
 def generate_answers(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -82,38 +142,17 @@ def generate_answers(
     bf16: bool = False,
     max_prompt_length: int = 1024,
 ) -> tuple[list[str], int]:
-    """Greedy answers, batched with left padding and the KV cache; returns (answers, generated tokens)."""
+    """Greedy answers in length-sorted batches (`greedy_decode`); returns (answers, generated tokens)."""
     model.eval()
-    device = next(model.parameters()).device
     prompts = [prompt_ids(tokenizer, r)[-max_prompt_length:] for r in records]
-    pad = tokenizer.pad_token_id
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        num_beams=1,
-        use_cache=True,
-        pad_token_id=pad,
-        eos_token_id=tokenizer.eos_token_id,
-    )
     answers: list[str] = [""] * len(records)
     generated = 0
     # generation is most of a run's evaluation time (minutes on a CPU): show it like training's bar
     progress = tqdm(total=len(records), desc="generating answers", unit="answer", leave=False)
     for idx in _length_batches([len(p) for p in prompts], batch_size):
-        width = max(len(prompts[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for k, i in enumerate(idx):
-            n = len(prompts[i])
-            ids[k, width - n :] = torch.tensor(prompts[i])
-            mask[k, width - n :] = 1
         with autocast_context(model, bf16):
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
-        new = out[:, width:].cpu()
-        for k, i in enumerate(idx):
-            row = new[k].tolist()
-            if tokenizer.eos_token_id in row:  # everything after EOS is padding
-                row = row[: row.index(tokenizer.eos_token_id) + 1]
+            rows = greedy_decode(model, [prompts[i] for i in idx], max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        for i, row in zip(idx, rows):
             generated += len(row)
             answers[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
         progress.update(len(idx))
@@ -199,11 +238,11 @@ def evaluate_run(
     run_dir: str | None, config_path: str | None, overrides: dict[str, Any], eval_dir: str | None
 ) -> tuple[dict[str, Any], Path]:
     """`oloraplus evaluate`: the untouched base model plus a run's saved adapter (or the base alone) on the test split."""
-    from peft import PeftModel
-
+    from oloraplus.adapters import merge_saved_adapter
     from oloraplus.config import load_config
     from oloraplus.errors import OLoRAPlusError
     from oloraplus.fsutil import atomic_write_json, atomic_write_jsonl
+    from oloraplus.precision import keep_freed_memory_mapped
     from oloraplus.train import PreparedRun
 
     if run_dir is not None:
@@ -221,13 +260,14 @@ def evaluate_run(
     prep = PreparedRun(cfg)
     model = prep.model
     if run_dir is not None:
-        model = PeftModel.from_pretrained(model, str(Path(run_dir) / "adapter")).merge_and_unload()
+        model = merge_saved_adapter(model, Path(run_dir) / "adapter")
+    keep_freed_memory_mapped()
     test = [prep.records[i] for i in prep.split.test]
     metrics, rows = evaluate_model(
         model, prep.tokenizer, test, prep.split.test, cfg.data.max_length, cfg.eval.eval_batch_size,
         cfg.eval.max_new_tokens, prep.bf16, generate=cfg.eval.generate,
     )
-    metrics["status"] = "finished"
+    metrics.update(status="finished", precision="bf16" if prep.bf16 else "fp32", precision_choice=prep.precision_choice)
     atomic_write_jsonl(out / "predictions.jsonl", rows)
     atomic_write_json(out / "metrics.json", metrics)
     return metrics, out

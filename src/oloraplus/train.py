@@ -7,6 +7,7 @@ metrics.json is a finished run; one without it is unfinished and gets redone.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -19,25 +20,34 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from oloraplus import adapters, plots
 from oloraplus.config import RunConfig
-from oloraplus.data import PadCollator, Split, load_records, split_indices, tokenize_records
+from oloraplus.data import IGNORE_INDEX, PadCollator, Split, load_records, split_indices, tokenize_records
 from oloraplus.errors import OLoRAPlusError
 from oloraplus.evaluate import evaluate_model, example_losses, corpus_loss
 from oloraplus.fsutil import METRICS_FILE, atomic_write_json, atomic_write_jsonl, atomic_write_text, is_finished
-from oloraplus.loss import response_token_losses
+from oloraplus.loss import batch_token_losses, decoder_and_head
+from oloraplus.packing import PackCollator, is_packed, split_packed, use_packed_attention
 from oloraplus.models import load_base
 from oloraplus.optim import loraplus_param_groups
+from oloraplus.precision import keep_freed_memory_mapped, resolve_precision
 
 
 
 class OLoRAPlusTrainer(Trainer):
-    """Trainer whose optimizer has LoRA+ groups.
+    """Trainer whose optimizer has LoRA+ groups, and whose batches may be packed and split.
 
     Overriding create_optimizer (rather than passing `optimizers=`) keeps the
-    DeepSpeed/FSDP paths, which call it themselves, working.
+    DeepSpeed/FSDP paths, which call it themselves, working. A packed batch (see
+    packing.py) longer than `micro_batch_tokens` is trained as several packs of whole
+    examples, each loss divided by the whole batch's labelled-token count: the same
+    gradient as one forward over the batch, with activations bounded by the pack.
     """
 
-    def __init__(self, *args: Any, lr_ratio: float = 1.0, **kwargs: Any):
+    # compute_loss always divides by the batch's labelled tokens: Trainer must not rescale it
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, *args: Any, lr_ratio: float = 1.0, micro_batch_tokens: int = 0, **kwargs: Any):
         self.lr_ratio = lr_ratio
+        self.micro_batch_tokens = micro_batch_tokens
         super().__init__(*args, **kwargs)
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
@@ -51,8 +61,22 @@ class OLoRAPlusTrainer(Trainer):
             self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if num_items_in_batch is None:  # a model without loss kwargs: count this batch's share ourselves
+            labelled = (inputs["labels"][..., 1:] != IGNORE_INDEX).sum()
+            num_items_in_batch = labelled * self.current_gradient_accumulation_steps
+        packs = split_packed(inputs, self.micro_batch_tokens) if is_packed(inputs) else [inputs]
+        total = None
+        for i, part in enumerate(packs):
+            # DDP: synchronise gradients once, after the last pack
+            sync = contextlib.nullcontext() if i == len(packs) - 1 else self.accelerator.no_sync(model)
+            with sync:
+                loss = super().training_step(model, part, num_items_in_batch)
+            total = loss if total is None else total + loss
+        return total
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """The stock causal-LM loss, with the LM head run only at labelled positions (see loss.py).
+        """The stock causal-LM loss (summed over labelled tokens / num_items_in_batch), head run only where labelled.
 
         Falls back to Trainer's own path where that path does more than a plain loss:
         outputs wanted, a label smoother or custom loss, or a wrapped model (DDP, whose
@@ -61,12 +85,19 @@ class OLoRAPlusTrainer(Trainer):
         """
         plain = not return_outputs and self.label_smoother is None and self.compute_loss_func is None
         if not plain or self.accelerator.unwrap_model(model) is not model:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        token_loss, _ = response_token_losses(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
-        # the same normalisation as the model's own loss, so Trainer's accumulation scaling stays right
-        if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
-            return token_loss.sum() / num_items_in_batch
-        return token_loss.mean()
+            if is_packed(inputs):  # the packed forward takes positions and boundaries, not a mask
+                inputs = {k: v for k, v in inputs.items() if k != "attention_mask"}
+            out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if self.model_accepts_loss_kwargs or num_items_in_batch is None:
+                return out
+            # the model averaged over this pack's tokens: rescale to the whole batch's count
+            labelled = (inputs["labels"][..., 1:] != IGNORE_INDEX).sum()
+            scale = labelled / num_items_in_batch
+            return (out[0] * scale, *out[1:]) if return_outputs else out * scale
+        token_loss, _ = batch_token_losses(model, inputs)
+        if num_items_in_batch is None:
+            return token_loss.mean()
+        return token_loss.sum() / num_items_in_batch
 
 
 class DynamicsCallback(TrainerCallback):
@@ -126,25 +157,9 @@ class DivergenceCallback(TrainerCallback):
             control.should_training_stop = True
 
 
-def bf16_supported() -> bool:
-    """bf16 pays only with native hardware support; on an AVX2-only CPU a bf16 matmul is ~300x slower than fp32."""
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
 def device_name() -> str:
     """What trained the run: the GPU's name, or 'cpu'."""
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-
-
-def use_bf16(precision: str) -> bool:
-    if precision == "fp32":
-        return False
-    supported = bf16_supported()
-    if precision == "bf16" and not supported:
-        raise OLoRAPlusError("precision bf16 is not supported on this hardware (no native bf16 matmul); use fp32 or auto")
-    return supported
 
 
 class PreparedRun:
@@ -159,11 +174,12 @@ class PreparedRun:
         self.model, self.tokenizer = load_base(cfg.model.name, cfg.model.cache_dir)
         targets = cfg.adapter.target_modules or adapters.default_target_modules(self.model)
         adapters.check_targets(self.model, targets, cfg.adapter.rank)
-        self.bf16 = use_bf16(cfg.model.precision)
+        self.bf16, self.precision_choice = resolve_precision(cfg.model.precision, self.model)
 
 
 def run_training(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
     """Train, evaluate and save one run; returns its metrics (also in run_dir/metrics.json)."""
+    keep_freed_memory_mapped()
     out = Path(cfg.output_dir)
     if is_finished(out) and not overwrite:
         raise OLoRAPlusError(f"{out} already holds a finished run ({METRICS_FILE}); pick another output_dir or pass --overwrite")
@@ -218,14 +234,18 @@ def run_training(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
         dataloader_num_workers=0,
         disable_tqdm=False,
     )
+    packing = t.packing and decoder_and_head(model) is not None  # known families pass positions to attention
+    if packing:
+        use_packed_attention(model)
     trainer = OLoRAPlusTrainer(
         model=model,
         args=args,
         train_dataset=train_ds,
-        data_collator=PadCollator(tok.pad_token_id),
+        data_collator=PackCollator() if packing else PadCollator(tok.pad_token_id),
         processing_class=tok,
         callbacks=[dynamics, divergence],
         lr_ratio=cfg.adapter.ratio,
+        micro_batch_tokens=t.micro_batch_tokens,
     )
     t0 = time.perf_counter()
     trainer.train()
@@ -253,6 +273,7 @@ def run_training(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
         "train_tokens": tokens,
         "train_tokens_per_s": tokens / train_seconds if train_seconds else None,
         "precision": "bf16" if prep.bf16 else "fp32",
+        "precision_choice": prep.precision_choice,
         "device": device_name(),  # timings of one study can come from several machines
         "final_train_loss": next((h["loss"] for h in reversed(history) if "loss" in h), None),
     }
@@ -262,7 +283,12 @@ def run_training(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
         return metrics
 
     adapters.save_adapter(model, out / "adapter", cfg.adapter.init, initial)
-    merged = model.merge_and_unload()  # one matmul per layer instead of three: faster generation
+    del trainer, model
+    prep.model = None  # the trained copy goes before the evaluated one loads: one model in memory at a time
+    # Evaluate exactly what a user gets, and what `oloraplus evaluate` loads: the original base
+    # with the saved adapter merged (one matmul per layer instead of three: faster generation).
+    # In bf16 the trained W_res + s·BA and the original W + s·(BA − B₀A₀) round differently.
+    merged = adapters.merge_saved_adapter(load_base(cfg.model.name, cfg.model.cache_dir)[0], out / "adapter")
     if split.val:
         val = example_losses(merged, tok, [prep.records[i] for i in split.val], cfg.data.max_length, cfg.eval.eval_batch_size, prep.bf16)
         metrics["val_loss"] = corpus_loss(val)
