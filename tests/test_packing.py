@@ -1,0 +1,117 @@
+"""Packed batches: the same tokens, losses, gradients and greedy answers as padded ones, in bounded packs."""
+
+import json
+
+import pytest
+import torch
+from transformers import GenerationConfig
+
+from oloraplus.cli import main
+from oloraplus.data import IGNORE_INDEX, PadCollator
+from oloraplus.evaluate import greedy_decode
+from oloraplus.loss import batch_token_losses
+from oloraplus.packing import pack, split_packed, use_packed_attention
+
+from conftest import build_tiny_llama
+
+
+def _features(lengths, prompt=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lengths:
+        ids = torch.randint(3, 97, (n,), generator=g).tolist()
+        p = min(prompt, n - 1)
+        out.append({"input_ids": ids, "labels": [IGNORE_INDEX] * p + ids[p:]})
+    return out
+
+
+def test_pack_restarts_positions_and_masks_the_first_label_of_each_example():
+    feats = _features([5, 3, 4], prompt=0)  # no prompt: only the boundary mask keeps targets inside examples
+    b = pack(feats)
+    assert b["input_ids"][0].tolist() == sum((f["input_ids"] for f in feats), [])
+    assert b["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3]
+    assert b["cu_seq_lens_q"].tolist() == [0, 5, 8, 12] and b["max_length_q"] == 5
+    assert [i for i, t in enumerate(b["labels"][0].tolist()) if t == IGNORE_INDEX] == [0, 5, 8]
+
+
+@pytest.mark.parametrize("max_tokens", [0, 1, 7, 9, 12, 100])
+def test_split_packed_cuts_at_example_boundaries_and_keeps_every_token(max_tokens):
+    feats = _features([5, 3, 4, 6, 2])
+    batch = pack(feats)
+    packs = split_packed(batch, max_tokens)
+    for key in ("input_ids", "labels", "position_ids"):
+        assert torch.equal(torch.cat([p[key] for p in packs], dim=1), batch[key])
+    for p in packs:
+        lengths = (p["cu_seq_lens_q"][1:] - p["cu_seq_lens_q"][:-1]).tolist()
+        assert p["cu_seq_lens_q"][0] == 0 and sum(lengths) == p["input_ids"].shape[1]
+        assert p["input_ids"].shape[1] <= max_tokens or len(lengths) == 1 or max_tokens <= 0
+        assert p["max_length_q"] == max(lengths)
+    if max_tokens <= 0 or max_tokens >= 20:
+        assert len(packs) == 1
+
+
+def _tiny_lora():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(build_tiny_llama(97), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    return model
+
+
+def test_packed_loss_and_gradients_equal_the_padded_batch():
+    model = _tiny_lora()
+    feats = _features([13, 9, 6, 11])
+    padded = PadCollator(pad_token_id=2)(feats)
+    loss, _ = batch_token_losses(model, padded)
+    loss.sum().backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    use_packed_attention(model)
+    total = 0.0
+    for part in split_packed(pack(feats), 20):  # three packs, summed as the trainer does
+        part_loss, _ = batch_token_losses(model, part)
+        part_loss.sum().backward()
+        total += part_loss.sum().item()
+    assert total == pytest.approx(float(loss.sum()), rel=1e-5)
+    for name, grad in expected.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_greedy_decode_equals_generate_also_when_rows_finish_early():
+    model = build_tiny_llama(97, seed=3).eval()
+    prompts = [t["input_ids"] for t in _features([7, 4, 9, 5], seed=1)]
+    free = greedy_decode(model, prompts, 10, eos_token_id=-1, pad_token_id=2)  # -1: nothing stops
+    eos = free[1][2]  # the token the second row emits third: that row (at least) now stops early
+    ours = greedy_decode(model, prompts, 10, eos_token_id=eos, pad_token_id=2)
+    assert any(len(row) < 10 for row in ours)
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[2] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    config = GenerationConfig(max_new_tokens=10, do_sample=False, pad_token_id=2, eos_token_id=eos)
+    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, width:].tolist()
+    for row, ref in zip(ours, out):
+        cut = ref[: ref.index(eos) + 1] if eos in ref else ref
+        assert row == cut
+
+
+def test_packed_training_reproduces_padded_training(tiny_model_dir, small_data, tmp_path):
+    """Same config, packing on or off (dropout 0, so both see the same computation): same run to 1e-4."""
+    base = [
+        "train", "--model", str(tiny_model_dir), "--data", str(small_data), "--n_train", "24", "--n_test", "6",
+        "--batch_size", "8", "--max_new_tokens", "8", "--dropout", "0", "--method", "olora+", "--lr_ratio", "4",
+        "--lr", "1e-3", "--logging_steps", "1", "--precision", "fp32",
+    ]
+    runs = {}
+    for packing, micro in (("false", "0"), ("true", "64")):  # 64 tokens: every batch trains as several packs
+        out = tmp_path / f"packing-{packing}"
+        assert main([*base, "--packing", packing, "--micro_batch_tokens", micro, "--output_dir", str(out)]) == 0
+        history = json.loads((out / "history.json").read_text())
+        preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+        runs[packing] = (json.loads((out / "metrics.json").read_text()), [h["loss"] for h in history if "loss" in h], preds)
+    (m0, losses0, p0), (m1, losses1, p1) = runs["false"], runs["true"]
+    assert len(losses0) == 3 and losses1 == pytest.approx(losses0, rel=1e-4)
+    assert m1["eval_loss"] == pytest.approx(m0["eval_loss"], rel=1e-4)
+    assert [p["prediction"] for p in p1] == [p["prediction"] for p in p0]
+    assert m1["train_tokens"] == m0["train_tokens"]  # every real token counted once, with or without padding
