@@ -124,7 +124,12 @@ class TrainConfig:
     micro_batch_tokens: int = _help(
         "most tokens in one forward/backward: a longer packed batch is trained as several packs of whole "
         "examples (same gradient, bounded activation memory; 0 = the whole batch at once)",
-        default=2048,
+        default=512,
+    )
+    max_memory_gb: float = _help(
+        "peak memory budget in GB: packs, gradient checkpointing and the eval batch size are chosen to fit it, "
+        "and a run that cannot fit stops before it starts (0 = no budget)",
+        default=0.0,
     )
     report_to: str = _help("Trainer loggers: none | tensorboard", default="none")
 
@@ -293,6 +298,8 @@ def validate(cfg: RunConfig) -> None:
         raise OLoRAPlusError("set epochs > 0 or max_steps > 0")
     if t.micro_batch_tokens < 0:
         raise OLoRAPlusError(f"micro_batch_tokens must be >= 0, got {t.micro_batch_tokens}")
+    if not (math.isfinite(t.max_memory_gb) and t.max_memory_gb >= 0):
+        raise OLoRAPlusError(f"max_memory_gb must be a finite number >= 0, got {t.max_memory_gb}")
     for name in ("batch_size", "grad_accum", "logging_steps", "dynamics_every"):
         if getattr(t, name) <= 0:
             raise OLoRAPlusError(f"{name} must be > 0, got {getattr(t, name)}")

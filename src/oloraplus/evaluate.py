@@ -264,7 +264,7 @@ def evaluate_run(
     keep_freed_memory_mapped()
     test = [prep.records[i] for i in prep.split.test]
     metrics, rows = evaluate_model(
-        model, prep.tokenizer, test, prep.split.test, cfg.data.max_length, cfg.eval.eval_batch_size,
+        model, prep.tokenizer, test, prep.split.test, cfg.data.max_length, prep.memory.eval_batch_size,
         cfg.eval.max_new_tokens, prep.bf16, generate=cfg.eval.generate,
     )
     metrics.update(status="finished", precision="bf16" if prep.bf16 else "fp32", precision_choice=prep.precision_choice)

@@ -24,7 +24,8 @@ from oloraplus.data import IGNORE_INDEX, PadCollator, Split, load_records, split
 from oloraplus.errors import OLoRAPlusError
 from oloraplus.evaluate import evaluate_model, example_losses, corpus_loss
 from oloraplus.fsutil import METRICS_FILE, atomic_write_json, atomic_write_jsonl, atomic_write_text, is_finished
-from oloraplus.loss import batch_token_losses, decoder_and_head
+from oloraplus.budget import plan_memory
+from oloraplus.loss import LOGITS_CHUNK_BYTES, batch_token_losses, decoder_and_head
 from oloraplus.packing import PackCollator, is_packed, split_packed, use_packed_attention
 from oloraplus.models import load_base
 from oloraplus.optim import loraplus_param_groups
@@ -175,6 +176,11 @@ class PreparedRun:
         targets = cfg.adapter.target_modules or adapters.default_target_modules(self.model)
         adapters.check_targets(self.model, targets, cfg.adapter.rank)
         self.bf16, self.precision_choice = resolve_precision(cfg.model.precision, self.model)
+        t, d, e = cfg.train, cfg.data, cfg.eval
+        self.memory = plan_memory(
+            self.model, t.max_memory_gb, t.micro_batch_tokens, d.max_length, t.batch_size, e.eval_batch_size,
+            e.max_new_tokens, LOGITS_CHUNK_BYTES,
+        )
 
 
 def run_training(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
@@ -221,6 +227,8 @@ def run_training(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
         weight_decay=t.weight_decay,
         logging_steps=t.logging_steps,
         logging_nan_inf_filter=False,  # a NaN must reach DivergenceCallback, not be filtered out
+        gradient_checkpointing=prep.memory.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},  # the frozen embeddings give no grad to re-enter with
         save_strategy="no",
         report_to=[] if t.report_to == "none" else [t.report_to],
         bf16=prep.bf16,
@@ -245,7 +253,7 @@ def run_training(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
         processing_class=tok,
         callbacks=[dynamics, divergence],
         lr_ratio=cfg.adapter.ratio,
-        micro_batch_tokens=t.micro_batch_tokens,
+        micro_batch_tokens=prep.memory.micro_batch_tokens,
     )
     t0 = time.perf_counter()
     trainer.train()
@@ -274,6 +282,7 @@ def run_training(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
         "train_tokens_per_s": tokens / train_seconds if train_seconds else None,
         "precision": "bf16" if prep.bf16 else "fp32",
         "precision_choice": prep.precision_choice,
+        "memory_plan": prep.memory.to_dict(),
         "device": device_name(),  # timings of one study can come from several machines
         "final_train_loss": next((h["loss"] for h in reversed(history) if "loss" in h), None),
     }
@@ -290,7 +299,7 @@ def run_training(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
     # In bf16 the trained W_res + s·BA and the original W + s·(BA − B₀A₀) round differently.
     merged = adapters.merge_saved_adapter(load_base(cfg.model.name, cfg.model.cache_dir)[0], out / "adapter")
     if split.val:
-        val = example_losses(merged, tok, [prep.records[i] for i in split.val], cfg.data.max_length, cfg.eval.eval_batch_size, prep.bf16)
+        val = example_losses(merged, tok, [prep.records[i] for i in split.val], cfg.data.max_length, prep.memory.eval_batch_size, prep.bf16)
         metrics["val_loss"] = corpus_loss(val)
     if not cfg.eval.test:  # a selection run: validation only, the test split stays unread
         metrics["status"] = "finished" if math.isfinite(metrics.get("val_loss", 0.0)) else "diverged"
@@ -302,7 +311,7 @@ def run_training(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
         [prep.records[i] for i in split.test],
         split.test,
         cfg.data.max_length,
-        cfg.eval.eval_batch_size,
+        prep.memory.eval_batch_size,
         cfg.eval.max_new_tokens,
         prep.bf16,
         generate=cfg.eval.generate,
