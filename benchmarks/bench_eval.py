@@ -1,4 +1,10 @@
-"""Answer generation: ours (merged adapter, batched greedy) vs the baseline (unmerged PEFT, one prompt at a time).
+"""Answer generation: ours vs before (this project's previous method) vs the baseline (unmerged PEFT, one prompt at a time).
+
+Ours: `oloraplus.evaluate.generate_answers`, length-sorted batches through
+`greedy_decode`, which drops a row from the batch and its KV cache once it emits EOS.
+Before: the method this project used until the lean-runs issue, re-run here side by
+side: the same merged model and batches through `model.generate`, which computes
+finished rows until the batch's longest answer ends.
 
 Why: evaluation generates up to max_new_tokens for every test prompt, the longest
 part of the protocol on a CPU. Ours merges the adapter into the base weights
@@ -50,6 +56,32 @@ def perturbed_olora(model, rank: int, alpha: float, perturb: float, seed: int):
 
 
 @torch.no_grad()
+def before_answers(model, tokenizer, records, max_new_tokens: int, batch_size: int) -> tuple[list[str], int]:
+    """The previous generate_answers: left-padded length-sorted batches through model.generate."""
+    from transformers import GenerationConfig
+
+    from oloraplus.evaluate import _length_batches
+
+    prompts = [prompt_ids(tokenizer, r) for r in records]
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
+                              pad_token_id=pad, eos_token_id=eos)
+    answers, generated = [""] * len(records), 0
+    for idx in _length_batches([len(p) for p in prompts], batch_size):
+        width = max(len(prompts[i]) for i in idx)
+        ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in idx])
+        mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx])
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, width:]
+        for k, i in enumerate(idx):
+            row = out[k].tolist()
+            if eos in row:
+                row = row[: row.index(eos) + 1]
+            generated += len(row)
+            answers[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
+    return answers, generated
+
+
+@torch.no_grad()
 def baseline_answers(peft_model, tokenizer, records, max_new_tokens: int) -> tuple[list[str], int]:
     """One prompt at a time through the unmerged PEFT model: what a plain user loop does."""
     eos, answers, generated = tokenizer.eos_token_id, [], 0
@@ -86,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=16, help="test prompts (the first N of our test split) [16]")
     p.add_argument("--max_new_tokens", type=int, default=64, help="longest answer in tokens [64]")
     p.add_argument("--batch_size", type=int, default=16, help="our generation batch size [16, our eval default]")
+    p.add_argument("--before_batch_size", type=int, default=16, help="the previous method's batch size [16]")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--perturb", type=float, default=0.1, help="noise on B, relative to std(B) [0.1]")
@@ -93,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--data", default=DEFAULT_DATA, help="Alpaca JSON [$OLORAPLUS_DATA or ../shared/data/alpaca/...]")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default) [0]")
-    p.add_argument("--order", default="ours,baseline", help="which runs first [ours,baseline]")
+    p.add_argument("--order", default="ours,before,baseline", help="which runs first; drop one to skip it "
+                   "(the baseline takes hours at the protocol's size) [ours,before,baseline]")
     p.add_argument("--json", help="also write the figures (and both answer lists) to this JSON file")
     args = p.parse_args(argv)
     if args.threads:
@@ -118,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # warm-up: one short generation each, so neither side pays first-call set-up in its timing
     generate_answers(merged, tok, test[:1], 2, 1)
+    before_answers(merged, tok, test[:1], 2, 1)
     baseline_answers(peft_model, tok, test[:1], 2)
 
     timed = {}
@@ -125,34 +160,38 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         if kind == "ours":
             answers, generated = generate_answers(merged, tok, test, args.max_new_tokens, args.batch_size)
+        elif kind == "before":
+            answers, generated = before_answers(merged, tok, test, args.max_new_tokens, args.before_batch_size)
         else:
             answers, generated = baseline_answers(peft_model, tok, test, args.max_new_tokens)
         timed[kind] = {"seconds": time.perf_counter() - t0, "generated_tokens": generated, "answers": answers}
         print(f"{kind:<9} {timed[kind]['seconds']:8.1f} s  {generated:6d} tokens  "
               f"{generated / timed[kind]['seconds']:6.1f} tokens/s", flush=True)
 
-    o, b = timed["ours"], timed["baseline"]
-    same = [x == y for x, y in zip(o["answers"], b["answers"])]
-    prefixes = [common_prefix(x, y) / max(len(y), 1) for x, y, s in zip(o["answers"], b["answers"], same) if not s]
     refs = [r["output"] for r in test]
-    so, sb = score_texts(o["answers"], refs), score_texts(b["answers"], refs)
-    speedup = b["seconds"] / o["seconds"]
+    o = timed["ours"]
+    so = score_texts(o["answers"], refs)
     print(f"\n{args.n} prompts, max_new_tokens {args.max_new_tokens}, our batch {args.batch_size}, "
-          f"r={args.rank}, alpha={args.alpha:g}, fp32")
-    print(f"wall time ours/baseline: {o['seconds']:.1f} s / {b['seconds']:.1f} s -> speedup {speedup:.2f}x")
-    print(f"tokens/s: ours {o['generated_tokens'] / o['seconds']:.1f}, baseline {b['generated_tokens'] / b['seconds']:.1f}")
-    print(f"exact-match greedy answers: {sum(same)}/{len(same)} ({sum(same) / len(same):.1%})"
-          + (f"; differing answers agree on their first {100 * sum(prefixes) / len(prefixes):.0f}% of characters "
-             "on average" if prefixes else ""))
-    print(f"ROUGE-L vs references: ours {so['rougeL']:.4f}, baseline {sb['rougeL']:.4f}; "
-          f"BLEU ours {so['bleu']:.2f}, baseline {sb['bleu']:.2f}")
+          f"r={args.rank}, alpha={args.alpha:g}, fp32; ROUGE-L ours {so['rougeL']:.4f}, BLEU ours {so['bleu']:.2f}")
+    summary = {"args": vars(args), "adapter_logit_change": changed, "merge_logit_error": merge_err, "ours": o}
+    for kind in ("before", "baseline"):
+        if kind not in timed:
+            continue
+        b = timed[kind]
+        same = [x == y for x, y in zip(o["answers"], b["answers"])]
+        prefixes = [common_prefix(x, y) / max(len(y), 1) for x, y, s in zip(o["answers"], b["answers"], same) if not s]
+        sb = score_texts(b["answers"], refs)
+        speedup = b["seconds"] / o["seconds"]
+        print(f"ours vs {kind}: {o['seconds']:.1f} s / {b['seconds']:.1f} s -> speedup {speedup:.2f}x; tokens/s "
+              f"{o['generated_tokens'] / o['seconds']:.1f} vs {b['generated_tokens'] / b['seconds']:.1f}; identical greedy "
+              f"answers {sum(same)}/{len(same)}" + (f" (differing ones agree on their first "
+              f"{100 * sum(prefixes) / len(prefixes):.0f}% of characters)" if prefixes else "")
+              + f"; ROUGE-L {sb['rougeL']:.4f}, BLEU {sb['bleu']:.2f}")
+        summary[kind] = b
+        summary[f"vs_{kind}"] = {"speedup": speedup, "exact_match": sum(same) / len(same),
+                                 "rougeL": sb["rougeL"], "bleu": sb["bleu"]}
     if args.json:
-        Path(args.json).write_text(json.dumps({
-            "args": vars(args), "speedup": speedup, "exact_match": sum(same) / len(same),
-            "adapter_logit_change": changed, "merge_logit_error": merge_err,
-            "ours": {k: v for k, v in o.items()}, "baseline": {k: v for k, v in b.items()},
-            "rougeL": {"ours": so["rougeL"], "baseline": sb["rougeL"]}, "bleu": {"ours": so["bleu"], "baseline": sb["bleu"]},
-        }, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
     return 0
 
 
