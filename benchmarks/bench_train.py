@@ -1,4 +1,10 @@
-"""Training throughput and peak memory: our pipeline vs the plain PEFT + Trainer baseline, one run.
+"""Training throughput and peak memory: our pipeline vs before (this project at an earlier commit) vs the plain
+PEFT + Trainer baseline, one run.
+
+Before: `run_training` of the revision --before_rev (default ea9ebf0, the last commit before the
+lean-runs issue), extracted with `git archive` into a temporary folder and run in its own
+subprocess with its own defaults (length-grouped padded batches, dropout 0.05), so "today's
+figure" is measured in the same run, on the same machine, not copied from a document.
 
 Why: the issue asks whether `run_training` (length-grouped batches, our LoRA+
 groups, precision auto) beats what a user writes by hand with PEFT's OLoRA init,
@@ -31,7 +37,10 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))  # run from a checkout without installing
+# run from a checkout without installing; the "before" worker imports an older revision's src instead
+SRC = sys.argv[sys.argv.index("--src") + 1] if "--src" in sys.argv else str(REPO / "src")
+sys.path.insert(0, SRC)
+BEFORE_REV = "ea9ebf0"
 
 DEFAULT_DATA = os.environ.get("OLORAPLUS_DATA") or str(REPO.parent / "shared" / "data" / "alpaca" / "alpaca_sample.json")
 SPLIT_SEED = 42  # our config's default split seed; the baseline uses the same split
@@ -153,20 +162,24 @@ def profiled(fn, enabled: bool, rows: int = 15) -> tuple[Any, str | None]:
 
 
 # ---------------------------------------------------------------- the two pipelines (workers)
-def worker_ours(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
-    """`run_training` as a user runs it: our defaults (length grouping, LoRA+ groups, precision auto)."""
+def worker_ours(args: argparse.Namespace, out_dir: Path, before: bool = False) -> dict[str, Any]:
+    """`run_training` as a user runs it, with its revision's defaults (before: that revision's, dropout 0.05)."""
     from oloraplus import train as train_mod
     from oloraplus.config import build_config
 
     counter: dict[str, CountingCollator] = {}
 
-    class Collator(CountingCollator):  # count the tokens of the collator run_training builds
-        def __init__(self, pad_token_id: int):
-            super().__init__(train_mod_pad(pad_token_id))
-            counter["c"] = self
+    def counting(cls):  # count the tokens of whichever collator run_training builds (padded or packed)
+        class Counted(CountingCollator):
+            def __init__(self, *a):
+                super().__init__(cls(*a))
+                counter["c"] = self
 
-    train_mod_pad = train_mod.PadCollator
-    train_mod.PadCollator = Collator
+        return Counted
+
+    train_mod.PadCollator = counting(train_mod.PadCollator)
+    if hasattr(train_mod, "PackCollator"):
+        train_mod.PackCollator = counting(train_mod.PackCollator)
     sampled: dict[str, Any] = {}
     original_train = train_mod.OLoRAPlusTrainer.train
 
@@ -192,7 +205,7 @@ def worker_ours(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
             "lr_ratio": args.lr_ratio,
             "rank": args.rank,
             "alpha": args.alpha,
-            "dropout": args.dropout,
+            "dropout": args.before_dropout if before else args.dropout,
             "lr": args.lr,
             "batch_size": args.batch_size,
             "max_steps": args.max_steps,
@@ -209,7 +222,7 @@ def worker_ours(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
     base_p, lora_p = sampled["params"]
     c = counter["c"]
     return {
-        "pipeline": "ours",
+        "pipeline": "before" if before else "ours",
         "precision": metrics["precision"],
         "steps": metrics["train_steps"],
         "train_seconds": metrics["train_seconds"],
@@ -359,11 +372,21 @@ def epoch_padding(args: argparse.Namespace, n: int) -> dict[str, float]:
     return out
 
 
+def extract_revision(rev: str, into: Path) -> Path:
+    """The src/ folder of an earlier revision of this repository, for the "before" worker."""
+    into.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "src"], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into / "src"
+
+
 def run_worker(kind: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     result = tmp / f"{kind}.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--result", str(result), "--tmp", str(tmp)]
-    for key in ("model", "data", "n_train", "max_steps", "batch_size", "rank", "alpha", "dropout", "lr", "lr_ratio",
-                "max_length", "seed", "threads", "dynamics_every"):
+    if kind == "before":
+        cmd += ["--src", str(extract_revision(args.before_rev, tmp / "before_tree"))]
+    for key in ("model", "data", "n_train", "max_steps", "batch_size", "rank", "alpha", "dropout", "before_dropout",
+                "lr", "lr_ratio", "max_length", "seed", "threads", "dynamics_every"):
         cmd += [f"--{key}", str(getattr(args, key))]
     if args.profile:
         cmd.append("--profile")
@@ -397,59 +420,70 @@ def report(results: dict[str, dict[str, Any]], peaks: list[tuple[float, float]],
             "hfu": processed / peak,
             "padding_fraction": 1 - r["real_tokens"] / r["padded_tokens"],
         }
-    o, b = results["ours"], results["baseline"]
-    print(f"\nSmolLM2-135M, {args.n_train} Alpaca examples, {o['steps']} steps of batch {args.batch_size}, "
-          f"r={args.rank}, alpha={args.alpha:g}, lambda={args.lr_ratio:g}, precision ours={o['precision']} baseline=fp32")
+    o = results["ours"]
+    others = [k for k in ("before", "baseline") if k in results]
+    kinds = ["ours", *others]
+    print(f"\n{args.model}, {args.n_train} Alpaca examples, {o['steps']} steps of batch {args.batch_size}, "
+          f"r={args.rank}, alpha={args.alpha:g}, lambda={args.lr_ratio:g}, dropout ours/baseline {args.dropout:g}, "
+          f"before {args.before_dropout:g}; precision " + ", ".join(f"{k} {results[k]['precision']}" for k in kinds))
     print(f"fp32 matmul peak ({args.peak_n}x{args.peak_n}): {peaks[0][0] / 1e9:.1f} GFLOP/s before, "
           f"{peaks[1][0] / 1e9:.1f} after, per wall second; {peaks[0][1] / 1e9:.1f} and {peaks[1][1] / 1e9:.1f} "
           "per CPU second; MFU uses the larger of each")
     print(f"FLOPs per real token: 4·P_base + 6·P_lora = 4·{o['base_matmul_params'] / 1e6:.1f}M + "
           f"6·{o['lora_params'] / 1e6:.2f}M\n")
-    header = f"{'':<24}{'ours':>16}{'baseline':>16}{'ours/baseline':>16}"
+    header = f"{'':<24}" + "".join(f"{k:>14}" for k in kinds) + "".join(f"{'ours/' + k:>16}" for k in others)
     print(header)
     print("-" * len(header))
 
-    def line(label: str, x: float, y: float, fmt: str, ratio: bool = True) -> None:
-        r = f"{x / y:.2f}x" if ratio and y else ""
-        print(f"{label:<24}{fmt.format(x):>16}{fmt.format(y):>16}{r:>16}")
+    def line(label: str, values: dict[str, float], fmt: str, ratio: bool = True) -> None:
+        cells = "".join(f"{fmt.format(values[k]):>14}" for k in kinds)
+        ratios = "".join(f"{values['ours'] / values[k]:>15.2f}x" if ratio and values[k] else " " * 16 for k in others)
+        print(f"{label:<24}{cells}{ratios}")
 
-    line("train seconds", o["train_seconds"], b["train_seconds"], "{:.1f}")
-    line("real tokens", o["real_tokens"], b["real_tokens"], "{:,.0f}")
-    line("padded tokens", o["padded_tokens"], b["padded_tokens"], "{:,.0f}")
-    line("padding fraction", rows["ours"]["padding_fraction"], rows["baseline"]["padding_fraction"], "{:.1%}", False)
-    line("real tokens/s", rows["ours"]["real_tokens_per_s"], rows["baseline"]["real_tokens_per_s"], "{:.1f}")
-    line("train CPU seconds", o["train_cpu_seconds"], b["train_cpu_seconds"], "{:.1f}")
-    line("  of which user s", o["train_user_seconds"], b["train_user_seconds"], "{:.1f}")
-    line("  of which system s", o["train_sys_seconds"], b["train_sys_seconds"], "{:.1f}")
-    line("  minor page faults", o["train_minor_faults"], b["train_minor_faults"], "{:,.0f}")
-    line("padded tokens/CPU-s", o["padded_tokens"] / o["train_cpu_seconds"], b["padded_tokens"] / b["train_cpu_seconds"], "{:.1f}")
-    line("real tokens/CPU-s", rows["ours"]["real_tokens_per_cpu_s"], rows["baseline"]["real_tokens_per_cpu_s"], "{:.1f}")
-    line("MFU (real tokens)", rows["ours"]["mfu"], rows["baseline"]["mfu"], "{:.1%}")
-    line("MFU, CPU time", rows["ours"]["mfu_cpu_time"], rows["baseline"]["mfu_cpu_time"], "{:.1%}")
-    line("HFU (padded tokens)", rows["ours"]["hfu"], rows["baseline"]["hfu"], "{:.1%}")
+    def field(key: str) -> dict[str, float]:
+        return {k: results[k][key] for k in kinds}
+
+    def derived(key: str) -> dict[str, float]:
+        return {k: rows[k][key] for k in kinds}
+
+    line("train seconds", field("train_seconds"), "{:.1f}")
+    line("real tokens", field("real_tokens"), "{:,.0f}")
+    line("padded tokens", field("padded_tokens"), "{:,.0f}")
+    line("padding fraction", derived("padding_fraction"), "{:.1%}", False)
+    line("real tokens/s", derived("real_tokens_per_s"), "{:.1f}")
+    line("train CPU seconds", field("train_cpu_seconds"), "{:.1f}")
+    line("  of which user s", field("train_user_seconds"), "{:.1f}")
+    line("  of which system s", field("train_sys_seconds"), "{:.1f}")
+    line("  kernel share of CPU", {k: results[k]["train_sys_seconds"] / results[k]["train_cpu_seconds"] for k in kinds},
+         "{:.1%}", False)
+    line("  minor page faults", field("train_minor_faults"), "{:,.0f}")
+    line("real tokens/CPU-s", derived("real_tokens_per_cpu_s"), "{:.1f}")
+    line("MFU (real tokens)", derived("mfu"), "{:.1%}", False)
+    line("MFU, CPU time", derived("mfu_cpu_time"), "{:.1%}", False)
+    line("HFU (padded tokens)", derived("hfu"), "{:.1%}", False)
     for label, key in (("train peak RSS", "train_peak_rss"), ("RSS before train", "rss_before_train"),
                        ("USS before train", "uss_before_train"), ("USS after train", "uss_after_train"),
                        ("lifetime max RSS", "lifetime_max_rss")):
-        print(f"{label + ' (MiB)':<24}{o[key] / 2**20:>16,.0f}{b[key] / 2**20:>16,.0f}{o[key] / b[key]:>15.2f}x")
-    line("whole subprocess s", o["subprocess_seconds"], b["subprocess_seconds"], "{:.1f}")
-    print(f"\nfinal train loss: ours {o['final_train_loss']}, baseline {b['final_train_loss']}")
+        line(label + " (MiB)", {k: results[k][key] / 2**20 for k in kinds}, "{:,.0f}")
+    line("whole subprocess s", field("subprocess_seconds"), "{:.1f}")
+    print("\nfinal train loss: " + ", ".join(f"{k} {results[k]['final_train_loss']}" for k in kinds))
     print("train peak RSS: psutil sampling thread over trainer.train() (every 5 ms); USS: psutil, before and after; "
-          "lifetime: resource.getrusage ru_maxrss; CPU seconds: time.process_time over trainer.train()")
-    speedup = rows["ours"]["real_tokens_per_s"] / rows["baseline"]["real_tokens_per_s"]
-    cpu_speedup = rows["ours"]["real_tokens_per_cpu_s"] / rows["baseline"]["real_tokens_per_cpu_s"]
-    mem = o["train_peak_rss"] / b["train_peak_rss"]
-    growth = (o["train_peak_rss"] - o["rss_before_train"]) / (b["train_peak_rss"] - b["rss_before_train"])
-    print(f"\nthroughput ours/baseline {speedup:.2f}x wall, {cpu_speedup:.2f}x per CPU-second "
-          f"(goal >= 1.5x: {'met' if speedup >= 1.5 else 'NOT met'} on wall time)")
-    print(f"train peak RSS ours/baseline {mem:.3f} (goal <= 1: {'met' if mem <= 1 else 'NOT met'}); "
-          f"RSS growth during training ours/baseline {growth:.3f}")
+          "lifetime: resource.getrusage ru_maxrss (the whole process, loading included); CPU seconds: "
+          "time.process_time over trainer.train()")
+    summary = {"results": results, "derived": rows, "peak_flops": peak, "peak_flops_per_cpu_s": peak_cpu,
+               "load_average": list(os.getloadavg())}
+    for k in others:
+        speedup = rows["ours"]["real_tokens_per_s"] / rows[k]["real_tokens_per_s"]
+        cpu_speedup = rows["ours"]["real_tokens_per_cpu_s"] / rows[k]["real_tokens_per_cpu_s"]
+        mem = o["lifetime_max_rss"] / results[k]["lifetime_max_rss"]
+        print(f"ours vs {k}: real tokens/s {speedup:.2f}x wall, {cpu_speedup:.2f}x per CPU-second; "
+              f"lifetime peak RSS {mem:.2f}x")
+        summary[f"vs_{k}"] = {"speedup": speedup, "cpu_speedup": cpu_speedup, "lifetime_peak_rss_ratio": mem}
     for kind, r in results.items():
         if r.get("profile"):
             print(f"\n== torch.profiler, {kind}: top ops by self CPU time (timings above include profiler overhead)")
             print(r["profile"])
-    return {"results": results, "derived": rows, "peak_flops": peak, "peak_flops_per_cpu_s": peak_cpu,
-            "speedup": speedup, "load_average": list(os.getloadavg()),
-            "cpu_speedup": cpu_speedup, "peak_rss_ratio": mem, "rss_growth_ratio": growth}
+    return summary
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -459,7 +493,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=8, help="per-step batch, same for both (no accumulation) [8]")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--alpha", type=float, default=16.0)
-    p.add_argument("--dropout", type=float, default=0.05)
+    p.add_argument("--dropout", type=float, default=None, help="ours and the baseline [our default]")
+    p.add_argument("--before_dropout", type=float, default=0.05, help="before: its default [0.05]")
+    p.add_argument("--before_rev", default=BEFORE_REV, help=f"the revision 'before' runs [{BEFORE_REV}]")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--lr_ratio", type=float, default=4.0, help="LoRA+ lambda [4]")
     p.add_argument("--max_length", type=int, default=512)
@@ -473,14 +509,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true", help="torch.profiler over each training run; prints top ops")
     p.add_argument("--padding_n", type=int, default=1000,
                    help="also count (not time) one epoch's padding at this n, e.g. the protocol's 1000; 0: skip [1000]")
-    p.add_argument("--order", default="ours,baseline", help="which pipeline runs first [ours,baseline]")
+    p.add_argument("--order", default="ours,before,baseline", help="which pipelines run, in order [ours,before,baseline]")
     p.add_argument("--json", help="also write all figures to this JSON file")
-    p.add_argument("--worker", choices=["ours", "baseline"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["ours", "before", "baseline"], help=argparse.SUPPRESS)
+    p.add_argument("--src", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     p.add_argument("--tmp", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.max_steps is None:
         args.max_steps = math.ceil(args.n_train / args.batch_size)
+    if args.dropout is None:
+        from oloraplus.config import AdapterConfig
+
+        args.dropout = AdapterConfig().dropout
     return args
 
 
@@ -491,8 +532,11 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.threads:
             torch.set_num_threads(args.threads)
-        fn = worker_ours if args.worker == "ours" else worker_baseline
-        Path(args.result).write_text(json.dumps(fn(args, Path(args.tmp))))
+        if args.worker == "baseline":
+            out = worker_baseline(args, Path(args.tmp))
+        else:
+            out = worker_ours(args, Path(args.tmp), before=args.worker == "before")
+        Path(args.result).write_text(json.dumps(out))
         return 0
 
     import torch
