@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO / "src"))  # run from a checkout without installing
 
 from oloraplus import adapters  # noqa: E402
 from oloraplus.data import load_records, prompt_ids, split_indices  # noqa: E402
-from oloraplus.evaluate import generate_answers, score_texts  # noqa: E402
+from oloraplus.evaluate import corpus_loss, example_losses, generate_answers, score_texts  # noqa: E402
 from oloraplus.models import load_base  # noqa: E402
 
 DEFAULT_DATA = os.environ.get("OLORAPLUS_DATA") or str(REPO.parent / "shared" / "data" / "alpaca" / "alpaca_sample.json")
@@ -79,6 +79,23 @@ def before_answers(model, tokenizer, records, max_new_tokens: int, batch_size: i
             generated += len(row)
             answers[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
     return answers, generated
+
+
+@torch.no_grad()
+def plain_losses(model, tokenizer, records, max_length: int, batch_size: int) -> list[tuple[float, int]]:
+    """Test loss the plain way: right-padded batches, the model's full logits, cross-entropy on response tokens."""
+    from oloraplus.data import IGNORE_INDEX, PadCollator, tokenize_example
+
+    examples = [tokenize_example(tokenizer, r, max_length) for r in records]
+    out = []
+    for start in range(0, len(examples), batch_size):
+        batch = PadCollator(tokenizer.pad_token_id)(examples[start : start + batch_size])
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+        targets = batch["labels"][:, 1:]
+        loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
+        for row, t in zip(loss, targets):
+            out.append((float(row.sum()), int((t != IGNORE_INDEX).sum())))
+    return out
 
 
 @torch.no_grad()
@@ -150,6 +167,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"adapter effect: max |logits(adapted) - logits(base)| = {changed:.3f}; "
           f"merged vs unmerged max |dlogits| = {merge_err:.2e}")
 
+    # test loss, ours (packed, chunked head) against the plain way, on the same merged model
+    t0 = time.perf_counter()
+    ours_losses = example_losses(merged, tok, test, 512, args.batch_size)
+    t_ours = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    plain = plain_losses(merged, tok, test, 512, args.batch_size)
+    t_plain = time.perf_counter() - t0
+    loss_ours, loss_plain = corpus_loss(ours_losses), corpus_loss(plain)
+    print(f"test loss (token-weighted): ours {loss_ours:.6f} in {t_ours:.1f} s, plain padded full-logits "
+          f"{loss_plain:.6f} in {t_plain:.1f} s; relative difference {abs(loss_ours - loss_plain) / loss_plain:.1e}")
+
     # warm-up: one short generation each, so neither side pays first-call set-up in its timing
     generate_answers(merged, tok, test[:1], 2, 1)
     before_answers(merged, tok, test[:1], 2, 1)
@@ -173,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     so = score_texts(o["answers"], refs)
     print(f"\n{args.n} prompts, max_new_tokens {args.max_new_tokens}, our batch {args.batch_size}, "
           f"r={args.rank}, alpha={args.alpha:g}, fp32; ROUGE-L ours {so['rougeL']:.4f}, BLEU ours {so['bleu']:.2f}")
-    summary = {"args": vars(args), "adapter_logit_change": changed, "merge_logit_error": merge_err, "ours": o}
+    summary = {"args": vars(args), "adapter_logit_change": changed, "merge_logit_error": merge_err, "ours": o,
+               "test_loss": {"ours": loss_ours, "plain": loss_plain, "ours_seconds": t_ours, "plain_seconds": t_plain}}
     for kind in ("before", "baseline"):
         if kind not in timed:
             continue
