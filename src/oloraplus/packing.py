@@ -1,10 +1,9 @@
 """Padding-free batches: the examples of a batch laid end to end, attention kept inside each example.
 
-Measured on SmolLM2-135M (2-core AVX2 CPU, 64 random-order Alpaca examples, batch 8):
-right-padded batches trained 98.7 real tokens/s, one example per forward 108, and
-packed batches with per-example attention 147, with the same summed loss to 1e-7.
-Packing keeps the large matmuls of a padded batch without computing padding, so the
-batch order can stay random (length-grouped batches biased what the model learned).
+Packing keeps the large matmuls of a padded batch without computing its padding, so
+the batch order can stay random (length-grouped batches biased what the model learned);
+`benchmarks/bench_packing.py` times padded, one-example and packed layouts of the same
+batches side by side, with the same summed loss.
 
 A packed batch is one row: `position_ids` restart at 0 for each example, the first
 label of each example is masked (no target crosses a boundary), and `cu_seq_lens_q`
