@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# Whole paper-cpu protocol wall time, ours vs baseline: train on 1,000 Alpaca examples
-# (one epoch, batch 8 = 125 steps), then generate answers for 500 test prompts
-# (128 new tokens). Chains bench_train.py and bench_eval.py at full size and sums
-# train (whole subprocess: load, init, train) + generation per side.
-#
-# Hours on a 2-core CPU (see docs/benchmarks.md). Sizes can be cut:
-#   N_TRAIN=64 N_TEST=16 NEW_TOKENS=64 benchmarks/bench_protocol.sh
-# REUSE=1 keeps a stage whose JSON is already in $OUT (a sitting too short for both
-# stages can run them one after the other; each stage is still ours vs baseline side by side).
+# The whole paper-cpu protocol as a user runs it, three sides in one run, each a whole process
+# under /usr/bin/time (wall time and peak RSS from start to end: load, train 1,000 examples for
+# one epoch at batch 8, test loss on 500, 500 greedy answers of up to 128 tokens):
+#   ours      `oloraplus train` of this checkout, with its defaults
+#   before    `oloraplus train` of revision $BEFORE_REV (git archive; its own defaults)
+#   baseline  PEFT's OLoRA + LoRA+ optimizer + stock Trainer on padded random batches, the model's
+#             own loss on padded test batches, and peft_model.generate one prompt at a time
+#             (benchmarks/baseline_protocol.py). Hours on a 2-core CPU: SIDES=ours,before skips it.
+# Sizes can be cut: N_TRAIN=64 N_TEST=16 NEW_TOKENS=32 bash benchmarks/bench_protocol.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -15,36 +15,50 @@ N_TRAIN=${N_TRAIN:-1000}
 N_TEST=${N_TEST:-500}
 NEW_TOKENS=${NEW_TOKENS:-128}
 BATCH=${BATCH:-8}
+SIDES=${SIDES:-ours,before,baseline}
+BEFORE_REV=${BEFORE_REV:-ea9ebf0}
+DATA=${DATA:-${OLORAPLUS_DATA:-../shared/data/alpaca/alpaca_sample.json}}
 OUT_DIR=${OUT:-benchmarks/protocol_out}
 mkdir -p "$OUT_DIR"
 export PYTHONWARNINGS=ignore
-
-if [[ ${REUSE:-0} == 1 && -s $OUT_DIR/train.json ]]; then
-  echo "== training: reusing $OUT_DIR/train.json"
-else
-  echo "== training: $N_TRAIN examples, batch $BATCH, one epoch"
-  "$PY" benchmarks/bench_train.py --n_train "$N_TRAIN" --batch_size "$BATCH" --json "$OUT_DIR/train.json" \
-    | tee "$OUT_DIR/train.log"
-fi
-if [[ ${REUSE:-0} == 1 && -s $OUT_DIR/eval.json ]]; then
-  echo "== generation: reusing $OUT_DIR/eval.json"
-else
-  echo "== generation: $N_TEST prompts, max_new_tokens $NEW_TOKENS"
-  "$PY" benchmarks/bench_eval.py --n "$N_TEST" --max_new_tokens "$NEW_TOKENS" --json "$OUT_DIR/eval.json" \
-    | tee "$OUT_DIR/eval.log"
-fi
-
-"$PY" - "$OUT_DIR" <<'EOF'
-import json, sys
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+git archive "$BEFORE_REV" src | tar -x -C "$tmp"
+args=(--data "$DATA" --n_train "$N_TRAIN" --n_test "$N_TEST" --max_new_tokens "$NEW_TOKENS" --batch_size "$BATCH"
+      --method olora+ --lr_ratio 4 --precision fp32 --overwrite)
+echo "CPU: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores, flags:$(grep -o -w 'avx2\|avx512f\|avx512_bf16\|amx_bf16' /proc/cpuinfo | sort -u | tr '\n' ' ')"
+echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
+for side in ${SIDES//,/ }; do
+  echo "== $side ($(date -u +%H:%M:%S))"
+  case $side in
+    ours)     cmd=(env PYTHONPATH=src "$PY" -m oloraplus.cli train "${args[@]}" --output_dir "$OUT_DIR/ours") ;;
+    before)   cmd=(env PYTHONPATH="$tmp/src" "$PY" -m oloraplus.cli train "${args[@]}" --output_dir "$OUT_DIR/before") ;;
+    baseline) cmd=("$PY" benchmarks/baseline_protocol.py --data "$DATA" --n_train "$N_TRAIN" --n_test "$N_TEST"
+                   --max_new_tokens "$NEW_TOKENS" --batch_size "$BATCH" --output_dir "$OUT_DIR/baseline") ;;
+    *) echo "unknown side $side"; exit 2 ;;
+  esac
+  /usr/bin/time -f "$side wall %e s, peak RSS %M KiB, user %U s, system %S s" -o "$OUT_DIR/$side.time" "${cmd[@]}" \
+    > "$OUT_DIR/$side.log" 2>&1 || { tail -20 "$OUT_DIR/$side.log"; exit 1; }
+  cat "$OUT_DIR/$side.time"
+done
+echo "load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"
+"$PY" - "$OUT_DIR" "$SIDES" <<'PYEOF'
+import json, re, sys
 from pathlib import Path
-out = Path(sys.argv[1])
-train = json.loads((out / "train.json").read_text())["results"]
-ev = json.loads((out / "eval.json").read_text())
-print(f"\nsizes: training {train['ours']['steps']} steps, {train['ours']['real_tokens']:,} real tokens; "
-      f"generation {ev['args']['n']} test prompts x at most {ev['args']['max_new_tokens']} new tokens")
-total = {k: train[k]["subprocess_seconds"] + ev[k]["seconds"] for k in ("ours", "baseline")}
-print(f"\nprotocol wall time (train subprocess + generation):")
-for k in ("ours", "baseline"):
-    print(f"  {k:<9} {train[k]['subprocess_seconds']:9.0f} s + {ev[k]['seconds']:9.0f} s = {total[k]:9.0f} s")
-print(f"  speedup {total['baseline'] / total['ours']:.2f}x")
-EOF
+out, sides = Path(sys.argv[1]), sys.argv[2].split(",")
+rows = {}
+for s in sides:
+    wall, kib, user, system = map(float, re.findall(r"wall ([\d.]+) s, peak RSS (\d+) KiB, user ([\d.]+) s, system ([\d.]+)",
+                                                    (out / f"{s}.time").read_text())[0])
+    m = json.loads((out / s / "metrics.json").read_text())
+    rows[s] = dict(wall=wall, rss_gib=kib / 2**20, kernel=system / (user + system), **m)
+print(f"\n{'side':<10}{'wall min':>10}{'peak RSS GiB':>14}{'kernel':>8}{'train tok/s':>13}{'test loss':>11}{'BLEU':>7}{'ROUGE-L':>9}")
+for s, r in rows.items():
+    print(f"{s:<10}{r['wall'] / 60:>10.1f}{r['rss_gib']:>14.2f}{r['kernel']:>8.1%}{r['train_tokens_per_s']:>13.1f}"
+          f"{r['eval_loss']:>11.4f}{r['bleu']:>7.2f}{r['rougeL']:>9.4f}")
+for s in rows:
+    if s != "ours":
+        print(f"ours vs {s}: wall {rows[s]['wall'] / rows['ours']['wall']:.2f}x faster, "
+              f"peak RSS {rows['ours']['rss_gib'] / rows[s]['rss_gib']:.2f}x")
+(out / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
+PYEOF

@@ -246,8 +246,10 @@ def worker_ours(args: argparse.Namespace, out_dir: Path, before: bool = False) -
     }
 
 
-def worker_baseline(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
-    """What a user writes by hand: PEFT OLoRA init + PEFT LoRA+ optimizer + stock Trainer, padded random batches."""
+def baseline_trainer(args: argparse.Namespace, out_dir: Path, n_test: int = N_TEST):
+    """What a user writes by hand: PEFT OLoRA init + PEFT LoRA+ optimizer + stock Trainer, padded random batches.
+
+    Returns (trainer, counting collator, tokenizer, records, split)."""
     import datasets
     import torch
     from peft import LoraConfig, get_peft_model
@@ -258,9 +260,8 @@ def worker_baseline(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
     from oloraplus.data import load_records, split_indices, tokenize_records
     from oloraplus.models import load_base
 
-    t0 = time.perf_counter()
     records = load_records(args.data)
-    split = split_indices(len(records), args.n_train, N_TEST, 0.0, SPLIT_SEED, args.data)
+    split = split_indices(len(records), args.n_train, n_test, 0.0, SPLIT_SEED, args.data)
     model, tok = load_base(args.model)
     examples, _ = tokenize_records(tok, [records[i] for i in split.train], args.max_length)
     train_ds = datasets.Dataset.from_list([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples])
@@ -302,6 +303,13 @@ def worker_baseline(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
         data_collator=collator,
         optimizers=(optimizer, None),
     )
+    return trainer, collator, tok, records, split
+
+
+def worker_baseline(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    trainer, collator, _, _, _ = baseline_trainer(args, out_dir)
+    model = trainer.model
     with PeakRSS() as rss:
         t1 = time.perf_counter()
         _, table = profiled(trainer.train, args.profile)
