@@ -1,6 +1,6 @@
 """Answer generation: ours vs before (this project's previous method) vs the baseline (unmerged PEFT, one prompt at a time).
 
-Ours: `oloraplus.evaluate.generate_answers`, length-sorted batches through
+Ours: `oloraplus.generation.generate_answers`, length-sorted batches through
 `greedy_decode`, which drops a row from the batch and its KV cache once it emits EOS.
 Before: the method this project used until the lean-runs issue, re-run here side by
 side: the same merged model and batches through `model.generate`, which computes
@@ -9,7 +9,7 @@ finished rows until the batch's longest answer ends.
 Why: evaluation generates up to max_new_tokens for every test prompt, the longest
 part of the protocol on a CPU. Ours merges the adapter into the base weights
 (one matmul per layer instead of three) and decodes prompts in length-sorted,
-left-padded batches with the KV cache (`oloraplus.evaluate.generate_answers`).
+left-padded batches with the KV cache (`oloraplus.generation.generate_answers`).
 The baseline is what a PEFT user writes: `peft_model.generate` per prompt, the
 adapter unmerged. Both run in this process on the same OLoRA adapter (B randomly
 perturbed, so the adapter changes the model) and the same prompts (the first N
@@ -38,7 +38,8 @@ sys.path.insert(0, str(REPO / "src"))  # run from a checkout without installing
 
 from oloraplus import adapters  # noqa: E402
 from oloraplus.data import load_records, prompt_ids, split_indices  # noqa: E402
-from oloraplus.evaluate import corpus_loss, example_losses, generate_answers, score_texts  # noqa: E402
+from oloraplus.evaluate import corpus_loss, example_losses, score_texts  # noqa: E402
+from oloraplus.generation import generate_answers  # noqa: E402
 from oloraplus.models import load_base  # noqa: E402
 
 DEFAULT_DATA = os.environ.get("OLORAPLUS_DATA") or str(REPO.parent / "shared" / "data" / "alpaca" / "alpaca_sample.json")
@@ -60,14 +61,14 @@ def before_answers(model, tokenizer, records, max_new_tokens: int, batch_size: i
     """The previous generate_answers: left-padded length-sorted batches through model.generate."""
     from transformers import GenerationConfig
 
-    from oloraplus.evaluate import _length_batches
+    from oloraplus.data import length_sorted_batches
 
     prompts = [prompt_ids(tokenizer, r) for r in records]
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
                               pad_token_id=pad, eos_token_id=eos)
     answers, generated = [""] * len(records), 0
-    for idx in _length_batches([len(p) for p in prompts], batch_size):
+    for idx in length_sorted_batches([len(p) for p in prompts], batch_size):
         width = max(len(prompts[i]) for i in idx)
         ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in idx])
         mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx])

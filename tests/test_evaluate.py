@@ -7,9 +7,8 @@ import sacrebleu
 import torch
 from rouge_score import rouge_scorer
 
-from oloraplus.evaluate import (
-    bleu_from_statistics, corpus_loss, example_losses, generate_answers, score_texts,
-)
+from oloraplus.evaluate import bleu_from_statistics, corpus_loss, example_losses, score_texts
+from oloraplus.generation import generate_answers
 
 from conftest import build_tiny_llama, build_tokenizer
 

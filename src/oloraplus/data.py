@@ -6,7 +6,7 @@ import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -204,6 +204,13 @@ def tokenize_records(tokenizer: PreTrainedTokenizerBase, records: list[dict[str,
         else:
             out.append(ex)
     return out, dropped
+
+
+def length_sorted_batches(lengths: list[int], batch_size: int) -> Iterator[list[int]]:
+    """Indices sorted longest first, so each batch pads little (and memory peaks at once, not late)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    for start in range(0, len(order), batch_size):
+        yield order[start : start + batch_size]
 
 
 class PadCollator:

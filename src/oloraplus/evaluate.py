@@ -6,35 +6,23 @@ report can run a paired bootstrap over test examples without recomputing.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import sacrebleu
 import torch
 from rouge_score import rouge_scorer
-from tqdm.auto import tqdm
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from oloraplus.data import PadCollator, prompt_ids, tokenize_example
+from oloraplus.data import PadCollator, length_sorted_batches, tokenize_example
+from oloraplus.generation import generate_answers
 from oloraplus.loss import batch_token_losses, decoder_and_head
 from oloraplus.packing import PackCollator, use_packed_attention
+from oloraplus.precision import autocast_context
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
-
-
-def autocast_context(model: torch.nn.Module, bf16: bool) -> contextlib.AbstractContextManager:
-    device = next(model.parameters()).device.type
-    return torch.autocast(device_type=device, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-
-
-def _length_batches(lengths: list[int], batch_size: int) -> Iterator[list[int]]:
-    """Indices sorted longest first, so each batch pads little (and memory peaks at once, not late)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    for start in range(0, len(order), batch_size):
-        yield order[start : start + batch_size]
 
 
 @torch.no_grad()
@@ -60,7 +48,7 @@ def example_losses(
     if packed:
         use_packed_attention(model)
     collate = PackCollator() if packed else PadCollator(tokenizer.pad_token_id)
-    for batch_ids in _length_batches([examples[i]["length"] for i in kept], batch_size):
+    for batch_ids in length_sorted_batches([examples[i]["length"] for i in kept], batch_size):
         idx = [kept[j] for j in batch_ids]
         batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in collate([examples[i] for i in idx]).items()}
         with autocast_context(model, bf16):
@@ -84,80 +72,6 @@ def corpus_loss(losses: list[tuple[float, int]]) -> float:
     total = sum(s for s, n in losses if n)
     count = sum(n for _, n in losses)
     return total / count if count else math.nan
-
-
-@torch.no_grad()
-def greedy_decode(
-    model: PreTrainedModel, prompts: list[list[int]], max_new_tokens: int, eos_token_id: int, pad_token_id: int
-) -> list[list[int]]:
-    """Greedy continuations of a batch of prompts (left-padded, KV cache), EOS included where emitted.
-
-    The same tokens as `model.generate(do_sample=False)` with the same positions and
-    mask, but a row leaves the batch (and its cache) as soon as it emits EOS:
-    generate keeps computing finished rows until the longest answer ends.
-    """
-    device = next(model.parameters()).device
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for k, p in enumerate(prompts):
-        ids[k, width - len(p) :] = torch.tensor(p)
-        mask[k, width - len(p) :] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).masked_fill_(mask == 0, 0)  # as generate computes them
-    cache = DynamicCache(config=model.config)
-    logits = model(
-        input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
-    ).logits[:, -1]
-    alive = torch.arange(len(prompts), device=device)
-    next_position = positions[:, -1] + 1
-    answers: list[list[int]] = [[] for _ in prompts]
-    for step in range(max_new_tokens):
-        tokens = logits.float().argmax(-1)
-        for row, token in zip(alive.tolist(), tokens.tolist()):
-            answers[row].append(token)
-        going = tokens != eos_token_id
-        if step == max_new_tokens - 1 or not bool(going.any()):
-            break
-        if not bool(going.all()):
-            keep = going.nonzero().squeeze(1)
-            cache.batch_select_indices(keep)
-            alive, tokens, mask, next_position = alive[keep], tokens[keep], mask[keep], next_position[keep]
-        mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=1)
-        logits = model(
-            input_ids=tokens[:, None], attention_mask=mask, position_ids=next_position[:, None],
-            cache=cache, use_cache=True,
-        ).logits[:, -1]
-        next_position = next_position + 1
-    return answers
-
-
-@torch.no_grad()
-def generate_answers(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    records: list[dict[str, str]],
-    max_new_tokens: int,
-    batch_size: int,
-    bf16: bool = False,
-    max_prompt_length: int = 1024,
-) -> tuple[list[str], int]:
-    """Greedy answers in length-sorted batches (`greedy_decode`); returns (answers, generated tokens)."""
-    model.eval()
-    prompts = [prompt_ids(tokenizer, r)[-max_prompt_length:] for r in records]
-    answers: list[str] = [""] * len(records)
-    generated = 0
-    # generation is most of a run's evaluation time (minutes on a CPU): show it like training's bar
-    progress = tqdm(total=len(records), desc="generating answers", unit="answer", leave=False)
-    for idx in _length_batches([len(p) for p in prompts], batch_size):
-        with autocast_context(model, bf16):
-            rows = greedy_decode(model, [prompts[i] for i in idx], max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id)
-        for i, row in zip(idx, rows):
-            generated += len(row)
-            answers[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
-        progress.update(len(idx))
-    progress.close()
-    return answers, generated
 
 
 def bleu_statistics(predictions: list[str], references: list[str]) -> list[list[int]]:

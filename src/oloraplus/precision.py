@@ -8,6 +8,7 @@ model's own MLP shape both ways and keeps bf16 only when it is measurably faster
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import sys
@@ -19,6 +20,12 @@ from oloraplus.errors import OLoRAPlusError
 
 # bf16 autocast adds a cast per matmul; below this measured matmul speed-up it does not pay
 BF16_MIN_SPEEDUP = 1.2
+
+
+def autocast_context(model: torch.nn.Module, bf16: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on the model's device, or nothing."""
+    device = next(model.parameters()).device.type
+    return torch.autocast(device_type=device, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
 def bf16_supported() -> bool:

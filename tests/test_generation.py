@@ -1,0 +1,41 @@
+"""Greedy generation: the same tokens as transformers' generate, with finished rows dropped and a reserved cache."""
+
+import torch
+from transformers import GenerationConfig
+
+from oloraplus.generation import ReservedLayer, greedy_decode
+
+from conftest import build_tiny_llama
+from test_packing import _features
+
+
+def test_greedy_decode_equals_generate_also_when_rows_finish_early():
+    model = build_tiny_llama(97, seed=3).eval()
+    prompts = [t["input_ids"] for t in _features([7, 4, 9, 5], seed=1)]
+    free = greedy_decode(model, prompts, 10, eos_token_id=-1, pad_token_id=2)  # -1: nothing stops
+    eos = free[1][2]  # the token the second row emits third: that row (at least) now stops early
+    ours = greedy_decode(model, prompts, 10, eos_token_id=eos, pad_token_id=2)
+    assert any(len(row) < 10 for row in ours)
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[2] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    config = GenerationConfig(max_new_tokens=10, do_sample=False, pad_token_id=2, eos_token_id=eos)
+    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, width:].tolist()
+    for row, ref in zip(ours, out):
+        cut = ref[: ref.index(eos) + 1] if eos in ref else ref
+        assert row == cut
+
+
+def test_reserved_layer_holds_what_concatenation_holds_also_past_its_room():
+    layer, keys, values = ReservedLayer(room=2), [], []
+    for step, width in enumerate([3, 1, 1, 1, 2, 1]):  # the fourth token outgrows the room of 2
+        k, v = torch.randn(4, 2, width, 8), torch.randn(4, 2, width, 8)
+        keys.append(k)
+        values.append(v)
+        got_k, got_v = layer.update(k, v)
+        assert torch.equal(got_k, torch.cat(keys, dim=-2)) and torch.equal(got_v, torch.cat(values, dim=-2))
+        assert layer.get_seq_length() == sum(x.shape[-2] for x in keys)
+    layer.batch_select_indices(torch.tensor([3, 1]))
+    assert torch.equal(layer.keys, torch.cat(keys, dim=-2)[[3, 1]])
+    k = torch.randn(2, 2, 1, 8)
+    assert torch.equal(layer.update(k, k)[0][:, :, -1:], k)
