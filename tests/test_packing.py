@@ -96,3 +96,16 @@ def test_packed_training_reproduces_padded_training(tiny_model_dir, small_data, 
     assert m1["eval_loss"] == pytest.approx(m0["eval_loss"], rel=1e-4)
     assert [p["prediction"] for p in p1] == [p["prediction"] for p in p0]
     assert m1["train_tokens"] == m0["train_tokens"]  # every real token counted once, with or without padding
+
+
+def test_packing_is_used_only_where_it_computes_the_models_own_attention():
+    from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM
+
+    from oloraplus.packing import can_pack
+
+    assert can_pack(build_tiny_llama(97), 512)
+    assert not can_pack(GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=32, n_layer=1, n_head=2)), 512)
+    small = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=1)
+    assert can_pack(MistralForCausalLM(MistralConfig(**small, sliding_window=4096)), 512)
+    assert not can_pack(MistralForCausalLM(MistralConfig(**small, sliding_window=256)), 512)

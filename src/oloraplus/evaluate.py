@@ -18,8 +18,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from oloraplus.data import PadCollator, length_sorted_batches, tokenize_example
 from oloraplus.generation import generate_answers
-from oloraplus.loss import batch_token_losses, decoder_and_head
-from oloraplus.packing import PackCollator, use_packed_attention
+from oloraplus.loss import batch_token_losses
+from oloraplus.packing import PackCollator, can_pack, use_packed_attention
 from oloraplus.precision import autocast_context
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
@@ -44,7 +44,7 @@ def example_losses(
     examples = [tokenize_example(tokenizer, r, max_length) for r in records]
     out: list[tuple[float, int]] = [(math.nan, 0)] * len(records)
     kept = [i for i, ex in enumerate(examples) if ex is not None]
-    packed = decoder_and_head(model) is not None
+    packed = can_pack(model, max_length)
     if packed:
         use_packed_attention(model)
     collate = PackCollator() if packed else PadCollator(tokenizer.pad_token_id)

@@ -51,6 +51,21 @@ AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
 AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)  # padded batches still get SDPA's mask
 
 
+def can_pack(model: torch.nn.Module, max_length: int) -> bool:
+    """Whether packed attention computes what the model's own attention does for examples up to max_length.
+
+    A family must pass positions and boundaries through to its attention (loss.decoder_and_head's
+    families do), and a sliding window narrower than an example would need a band mask we do not build.
+    """
+    from oloraplus.loss import decoder_and_head  # loss imports this module
+
+    if decoder_and_head(model) is None:
+        return False
+    config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+    window = getattr(config, "sliding_window", None)
+    return window is None or window >= max_length or getattr(config, "use_sliding_window", True) is False
+
+
 def use_packed_attention(model: torch.nn.Module) -> None:
     """Switch a (PEFT-wrapped or plain) transformers model to the packed attention."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model

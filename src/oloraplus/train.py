@@ -25,8 +25,8 @@ from oloraplus.errors import OLoRAPlusError
 from oloraplus.evaluate import evaluate_model, example_losses, corpus_loss
 from oloraplus.fsutil import METRICS_FILE, atomic_write_json, atomic_write_jsonl, atomic_write_text, is_finished
 from oloraplus.budget import plan_memory
-from oloraplus.loss import LOGITS_CHUNK_BYTES, batch_token_losses, decoder_and_head
-from oloraplus.packing import PackCollator, is_packed, split_packed, use_packed_attention
+from oloraplus.loss import LOGITS_CHUNK_BYTES, batch_token_losses
+from oloraplus.packing import PackCollator, can_pack, is_packed, split_packed, use_packed_attention
 from oloraplus.models import load_base
 from oloraplus.optim import loraplus_param_groups
 from oloraplus.precision import keep_freed_memory_mapped, resolve_precision
@@ -242,7 +242,7 @@ def run_training(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
         dataloader_num_workers=0,
         disable_tqdm=False,
     )
-    packing = t.packing and decoder_and_head(model) is not None  # known families pass positions to attention
+    packing = t.packing and can_pack(model, cfg.data.max_length)  # else padded batches, as before
     if packing:
         use_packed_attention(model)
     trainer = OLoRAPlusTrainer(
