@@ -42,7 +42,7 @@ def token_loss(preds: list[dict]) -> float:
 
 def main(root: Path) -> None:
     studies = {name: load(root / name) for name in PIPELINES}
-    print(f"finished seeds: " + ", ".join(f"{n} {sorted(s)}" for n, s in studies.items()))
+    print("finished seeds: " + ", ".join(f"{n} {sorted(s)}" for n, s in studies.items()))
     for name, runs in studies.items():
         for seed, r in sorted(runs.items()):
             m = r["metrics"]

@@ -31,7 +31,6 @@ LAYOUTS = ("padded", "single", "packed")
 
 
 def worker(layout: str, args: argparse.Namespace) -> dict:
-    import torch
 
     from oloraplus import adapters
     from oloraplus.data import PadCollator, load_records, split_indices, tokenize_records
