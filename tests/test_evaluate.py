@@ -67,3 +67,13 @@ def test_example_losses_match_the_model_loss():
         assert s / n == pytest.approx(float(ref), rel=1e-4)
     assert corpus_loss(losses) == pytest.approx(sum(s for s, _ in losses) / sum(n for _, n in losses))
     assert math.isnan(corpus_loss([(math.nan, 0)]))
+
+
+def test_sacrebleu_still_has_the_private_statistics_api_we_use():
+    """Per-example BLEU statistics need sacrebleu's private BLEU methods (no public API gives them);
+    sacrebleu is pinned to the tested range, and this fails by name if a release renames them."""
+    bleu = sacrebleu.BLEU()
+    for name in ("_extract_corpus_statistics", "_compute_score_from_stats"):
+        assert callable(getattr(bleu, name, None)), f"sacrebleu {sacrebleu.__version__} has no BLEU.{name}"
+    stats = bleu._extract_corpus_statistics(PREDS, [REFS])
+    assert len(stats) == len(PREDS) and all(len(row) == 10 for row in stats)  # hits/totals for 1-4 grams, sys/ref length

@@ -7,6 +7,7 @@ apart: cli.py builds its flags from these fields.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import types
@@ -182,10 +183,14 @@ def flat_fields() -> dict[str, tuple[str, dataclasses.Field]]:
     return out
 
 
+@functools.cache
+def field_types(cls: type) -> dict[str, Any]:
+    """Each field's annotation as a type (annotations are strings under `from __future__ import annotations`)."""
+    return typing.get_type_hints(cls)
+
+
 def _base_type(tp: Any) -> tuple[Any, bool]:
     """(inner type, optional?) for annotations like `float | None` or `list[str] | None`."""
-    if isinstance(tp, str):
-        tp = eval(tp, vars(typing) | {"list": list})  # annotations are strings under `from __future__`
     args = typing.get_args(tp)
     if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
         inner = [a for a in args if a is not type(None)]
@@ -242,7 +247,7 @@ def build_config(data: dict[str, Any] | None = None, overrides: dict[str, Any] |
         for key, value in values.items():
             if key not in known:
                 raise OLoRAPlusError(f"{source}: unknown option '{section}.{key}'")
-            sections[section][key] = coerce(f"{section}.{key}", value, known[key].type)
+            sections[section][key] = coerce(f"{section}.{key}", value, field_types(SECTIONS[section])[key])
     for key, value in (overrides or {}).items():
         if key == "output_dir":
             output_dir = str(value)
@@ -250,7 +255,7 @@ def build_config(data: dict[str, Any] | None = None, overrides: dict[str, Any] |
         if key not in flat:
             raise OLoRAPlusError(f"unknown option '{key}'")
         section, f = flat[key]
-        sections[section][f.name] = coerce(key, value, f.type)
+        sections[section][f.name] = coerce(key, value, field_types(SECTIONS[section])[f.name])
     cfg = RunConfig(**{s: SECTIONS[s](**v) for s, v in sections.items()}, output_dir=str(output_dir))
     validate(cfg)
     return cfg

@@ -38,7 +38,7 @@ from typing import Any, Iterator
 
 import yaml
 
-from oloraplus.config import METHODS, RunConfig, build_config, coerce
+from oloraplus.config import METHODS, RunConfig, build_config, coerce, field_types
 from oloraplus.errors import OLoRAPlusError
 from oloraplus.fsutil import METRICS_FILE, atomic_write_json, atomic_write_text, is_finished
 
@@ -106,7 +106,7 @@ def _coerce_option(name: str, value: Any) -> Any:
     if name in LIST_KINDS:
         items = _list_of(name, value, LIST_KINDS[name])
         return list(dict.fromkeys(items)) if name == "lrs" else items
-    return coerce(name, value, GRID_OPTIONS[name].type)
+    return coerce(name, value, field_types(GridConfig)[name])
 
 
 def build_grid(data: dict[str, Any] | None, overrides: dict[str, Any] | None = None) -> GridConfig:
