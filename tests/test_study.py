@@ -73,10 +73,13 @@ def test_kill_minus_9_loses_only_the_run_in_progress(tiny_model_dir, small_data,
     study = tmp_path / "study"
     args = _compare_args(tiny_model_dir, small_data, study, "--n_train", "48")
     proc = subprocess.Popen([sys.executable, "-m", "oloraplus.cli", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def second_run_started() -> bool:  # one run finished, the next has written its config.yaml
+        return len(list(study.glob("runs/*/metrics.json"))) == 1 and len(list(study.glob("runs/*/config.yaml"))) == 2
+
     deadline = time.time() + 240
-    while not list(study.glob("runs/*/metrics.json")) and time.time() < deadline:
-        time.sleep(0.2)
-    time.sleep(1.0)  # well into the second run
+    while not second_run_started() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)  # polling the folder: the kill lands as soon as the second run exists, not after a guess
+    assert second_run_started(), "the study never reached its second run"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     done = _mtimes(study)
