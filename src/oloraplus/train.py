@@ -8,10 +8,12 @@ metrics.json is a finished run; one without it is unfinished and gets redone.
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -183,39 +185,56 @@ class PreparedRun:
         )
 
 
+@dataclass
+class TrainedAdapter:
+    """What training leaves for the steps after it."""
+
+    trainer: OLoRAPlusTrainer
+    initial: dict[str, tuple[torch.Tensor, torch.Tensor]]  # (A₀, B₀) per layer: dynamics and conversion on save
+    dynamics: DynamicsCallback
+    divergence: DivergenceCallback
+    n_examples: int
+    n_dropped: int
+    seconds: float
+
+
 def run_training(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
     """Train, evaluate and save one run; returns its metrics (also in run_dir/metrics.json)."""
     keep_freed_memory_mapped()
     out = Path(cfg.output_dir)
     if is_finished(out) and not overwrite:
         raise OLoRAPlusError(f"{out} already holds a finished run ({METRICS_FILE}); pick another output_dir or pass --overwrite")
-    prep = PreparedRun(cfg)
-    main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 touches the run folder
-    if main_process:
-        if out.exists():  # an unfinished (or overwritten) run: start clean so no stale file survives
-            shutil.rmtree(out)
-        out.mkdir(parents=True)
-        atomic_write_text(out / "config.yaml", cfg.to_yaml())
+    prep = PreparedRun(cfg)  # everything validated and loaded: a bad input fails here, before any file is written
+    start_run_folder(out, cfg)
+    trained = train_adapter(prep, out)
+    if not trained.trainer.is_world_process_zero():  # evaluation and saving happen once, on rank 0
+        return {"status": "worker", "train_tokens": int(trained.trainer.state.num_input_tokens_seen)}
+    metrics = record_training(prep, trained, out)
+    if trained.divergence.diverged_step is not None:
+        metrics.update(status="diverged", diverged_step=trained.divergence.diverged_step)
+    else:
+        adapters.save_adapter(trained.trainer.model, out / "adapter", cfg.adapter.init, trained.initial)
+        del trained
+        prep.model = None  # the trained copy goes before the evaluated one loads: one model in memory at a time
+        gc.collect()  # Trainer and its callbacks hold each other: free the model now, not at some later collection
+        metrics.update(evaluate_saved_adapter(prep, out))
+    atomic_write_json(out / METRICS_FILE, metrics)  # last: marks the run finished
+    return metrics
 
-    tok = prep.tokenizer
-    split = prep.split
-    train_records = [prep.records[i] for i in split.train]
-    train_examples, dropped = tokenize_records(tok, train_records, cfg.data.max_length)
-    if not train_examples:
-        raise OLoRAPlusError(f"every training example is longer than max_length {cfg.data.max_length} before its answer")
 
-    import datasets
+def start_run_folder(out: Path, cfg: RunConfig) -> None:
+    """An empty folder holding config.yaml; under torchrun only rank 0 touches it."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    if out.exists():  # an unfinished (or overwritten) run: start clean so no stale file survives
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    atomic_write_text(out / "config.yaml", cfg.to_yaml())
 
-    train_ds = datasets.Dataset.from_list(train_examples)
-    set_seed(cfg.train.seed)
-    model = adapters.attach_adapter(
-        prep.model, cfg.adapter.init, cfg.adapter.rank, cfg.adapter.alpha, cfg.adapter.dropout, cfg.adapter.target_modules
-    )
-    initial = adapters.adapter_snapshot(model)
-    dynamics = DynamicsCallback(initial, cfg.train.dynamics_every)
-    divergence = DivergenceCallback()
+
+def training_arguments(cfg: RunConfig, prep: PreparedRun, out: Path) -> TrainingArguments:
     t = cfg.train
-    args = TrainingArguments(
+    return TrainingArguments(
         output_dir=str(out),  # Trainer writes nothing here but TensorBoard logs (runs/), with saving off
         per_device_train_batch_size=t.batch_size,
         gradient_accumulation_steps=t.grad_accum,
@@ -242,82 +261,91 @@ def run_training(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
         dataloader_num_workers=0,
         disable_tqdm=False,
     )
-    packing = t.packing and can_pack(model, cfg.data.max_length)  # else padded batches, as before
+
+
+def train_adapter(prep: PreparedRun, out: Path) -> TrainedAdapter:
+    """Tokenize the training split, attach and initialize the adapter, train it with LoRA+ groups."""
+    import datasets
+
+    cfg = prep.cfg
+    train_records = [prep.records[i] for i in prep.split.train]
+    examples, dropped = tokenize_records(prep.tokenizer, train_records, cfg.data.max_length)
+    if not examples:
+        raise OLoRAPlusError(f"every training example is longer than max_length {cfg.data.max_length} before its answer")
+    set_seed(cfg.train.seed)
+    a = cfg.adapter
+    model = adapters.attach_adapter(prep.model, a.init, a.rank, a.alpha, a.dropout, a.target_modules)
+    initial = adapters.adapter_snapshot(model)
+    dynamics = DynamicsCallback(initial, cfg.train.dynamics_every)
+    divergence = DivergenceCallback()
+    packing = cfg.train.packing and can_pack(model, cfg.data.max_length)  # else padded batches, as before
     if packing:
         use_packed_attention(model)
     trainer = OLoRAPlusTrainer(
         model=model,
-        args=args,
-        train_dataset=train_ds,
-        data_collator=PackCollator() if packing else PadCollator(tok.pad_token_id),
-        processing_class=tok,
+        args=training_arguments(cfg, prep, out),
+        train_dataset=datasets.Dataset.from_list(examples),
+        data_collator=PackCollator() if packing else PadCollator(prep.tokenizer.pad_token_id),
+        processing_class=prep.tokenizer,
         callbacks=[dynamics, divergence],
-        lr_ratio=cfg.adapter.ratio,
+        lr_ratio=a.ratio,
         micro_batch_tokens=prep.memory.micro_batch_tokens,
     )
     t0 = time.perf_counter()
     trainer.train()
-    train_seconds = time.perf_counter() - t0
-    tokens = int(trainer.state.num_input_tokens_seen)  # summed over processes by Trainer
-    if not trainer.is_world_process_zero():  # evaluation and saving happen once, on rank 0
-        return {"status": "worker", "train_tokens": tokens}
-    history = [dict(h) for h in trainer.state.log_history]
-    atomic_write_json(out / "history.json", history)
-    atomic_write_jsonl(out / "dynamics.jsonl", dynamics.rows)
-    plots.train_loss_curve(history, out / "train_loss.png", title=f"{cfg.adapter.method} λ={cfg.adapter.ratio:g}")
+    return TrainedAdapter(trainer, initial, dynamics, divergence, len(examples), dropped, time.perf_counter() - t0)
 
-    metrics: dict[str, Any] = {
+
+def record_training(prep: PreparedRun, trained: TrainedAdapter, out: Path) -> dict[str, Any]:
+    """history.json, dynamics.jsonl and the loss curve; the training half of metrics.json."""
+    cfg, state = prep.cfg, trained.trainer.state
+    history = [dict(h) for h in state.log_history]
+    atomic_write_json(out / "history.json", history)
+    atomic_write_jsonl(out / "dynamics.jsonl", trained.dynamics.rows)
+    plots.train_loss_curve(history, out / "train_loss.png", title=f"{cfg.adapter.method} λ={cfg.adapter.ratio:g}")
+    tokens = int(state.num_input_tokens_seen)  # summed over processes by Trainer
+    return {
         "method": cfg.adapter.method,
         "init": cfg.adapter.init,
         "lr_ratio": cfg.adapter.ratio,
-        "lr": t.lr,
-        "seed": t.seed,
-        "n_train": len(train_examples),
-        "n_train_dropped": dropped,
-        "n_val": len(split.val),
-        "n_test": len(split.test),
-        "train_steps": trainer.state.global_step,
-        "train_seconds": train_seconds,
+        "lr": cfg.train.lr,
+        "seed": cfg.train.seed,
+        "n_train": trained.n_examples,
+        "n_train_dropped": trained.n_dropped,
+        "n_val": len(prep.split.val),
+        "n_test": len(prep.split.test),
+        "train_steps": state.global_step,
+        "train_seconds": trained.seconds,
         "train_tokens": tokens,
-        "train_tokens_per_s": tokens / train_seconds if train_seconds else None,
+        "train_tokens_per_s": tokens / trained.seconds if trained.seconds else None,
         "precision": "bf16" if prep.bf16 else "fp32",
         "precision_choice": prep.precision_choice,
         "memory_plan": prep.memory.to_dict(),
         "device": device_name(),  # timings of one study can come from several machines
         "final_train_loss": next((h["loss"] for h in reversed(history) if "loss" in h), None),
     }
-    if divergence.diverged_step is not None:
-        metrics.update(status="diverged", diverged_step=divergence.diverged_step)
-        atomic_write_json(out / METRICS_FILE, metrics)
-        return metrics
 
-    adapters.save_adapter(model, out / "adapter", cfg.adapter.init, initial)
-    del trainer, model
-    prep.model = None  # the trained copy goes before the evaluated one loads: one model in memory at a time
-    # Evaluate exactly what a user gets, and what `oloraplus evaluate` loads: the original base
-    # with the saved adapter merged (one matmul per layer instead of three: faster generation).
-    # In bf16 the trained W_res + s·BA and the original W + s·(BA − B₀A₀) round differently.
+
+def evaluate_saved_adapter(prep: PreparedRun, out: Path) -> dict[str, Any]:
+    """Validation loss, and unless this is a selection run, test loss, answers and scores (predictions.jsonl).
+
+    Evaluates exactly what a user gets, and what `oloraplus evaluate` loads: the original base
+    with the saved adapter merged (one matmul per layer instead of three: faster generation).
+    In bf16 the trained W_res + s·BA and the original W + s·(BA − B₀A₀) would round differently.
+    """
+    cfg, split, tok, batch = prep.cfg, prep.split, prep.tokenizer, prep.memory.eval_batch_size
     merged = adapters.merge_saved_adapter(load_base(cfg.model.name, cfg.model.cache_dir)[0], out / "adapter")
+    metrics: dict[str, Any] = {}
     if split.val:
-        val = example_losses(merged, tok, [prep.records[i] for i in split.val], cfg.data.max_length, prep.memory.eval_batch_size, prep.bf16)
+        val = example_losses(merged, tok, [prep.records[i] for i in split.val], cfg.data.max_length, batch, prep.bf16)
         metrics["val_loss"] = corpus_loss(val)
     if not cfg.eval.test:  # a selection run: validation only, the test split stays unread
         metrics["status"] = "finished" if math.isfinite(metrics.get("val_loss", 0.0)) else "diverged"
-        atomic_write_json(out / METRICS_FILE, metrics)
         return metrics
+    test = [prep.records[i] for i in split.test]
     eval_metrics, rows = evaluate_model(
-        merged,
-        tok,
-        [prep.records[i] for i in split.test],
-        split.test,
-        cfg.data.max_length,
-        prep.memory.eval_batch_size,
-        cfg.eval.max_new_tokens,
-        prep.bf16,
+        merged, tok, test, split.test, cfg.data.max_length, batch, cfg.eval.max_new_tokens, prep.bf16,
         generate=cfg.eval.generate,
     )
-    metrics.update(eval_metrics)
-    metrics["status"] = "finished" if math.isfinite(metrics["eval_loss"]) else "diverged"
     atomic_write_jsonl(out / "predictions.jsonl", rows)
-    atomic_write_json(out / METRICS_FILE, metrics)  # last: marks the run finished
-    return metrics
+    return {**metrics, **eval_metrics, "status": "finished" if math.isfinite(eval_metrics["eval_loss"]) else "diverged"}
