@@ -57,3 +57,30 @@ def test_groups_without_trainer_default_decay_to_matrices():
     groups = loraplus_param_groups(_model(), 1e-3, 2.0, 0.01)
     by_role = {(g["role"], g["weight_decay"]) for g in groups}
     assert by_role == {("lora_A", 0.01), ("lora_B", 0.01), ("other", 0.0)}
+
+
+@pytest.mark.parametrize("plain", ["olora", "lora"])
+def test_plus_at_lambda_one_trains_bit_identically_to_its_parent(plain, tiny_model_dir, small_data, tmp_path):
+    """axolotl issue 2065: a LoRA+ ratio of 1 trained differently from plain LoRA. Here it must not, to the bit."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from oloraplus.cli import main
+
+    runs = {}
+    for method in (plain, plain + "+"):
+        out = tmp_path / method
+        args = ["train", "--model", str(tiny_model_dir), "--data", str(small_data), "--n_train", "16", "--n_test", "2",
+                "--batch_size", "4", "--method", method, "--lr", "1e-3", "--logging_steps", "1", "--generate", "false",
+                "--precision", "fp32", "--output_dir", str(out)]
+        if method.endswith("+"):
+            args += ["--lr_ratio", "1"]
+        assert main(args) == 0
+        history = [h["loss"] for h in json.loads((out / "history.json").read_text()) if "loss" in h]
+        runs[method] = (history, load_file(out / "adapter" / "adapter_model.safetensors"))
+    (losses, weights), (plus_losses, plus_weights) = runs[plain], runs[plain + "+"]
+    assert len(losses) == 4 and plus_losses == losses  # every logged step, exactly
+    assert weights.keys() == plus_weights.keys()
+    for key, tensor in weights.items():
+        assert torch.equal(plus_weights[key], tensor), key
