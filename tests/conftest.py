@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny random Llama with a tokenizer trained in code (fast tests), and the real data."""
+"""Shared fixtures: a tiny random Llama with a tokenizer trained in code on a committed synthetic fixture (fast tests,
+no ../shared needed), and the real Alpaca sample for integration tests (skipped with a reason when it is absent)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 ALPACA = Path(os.environ.get("OLORAPLUS_DATA", REPO.parent / "shared" / "data" / "alpaca" / "alpaca_sample.json"))
+# synthetic instruction records written by tests/fixtures/make_records.py (never Alpaca data)
+FIXTURE = Path(__file__).with_name("fixtures") / "records.json"
 # short reference answers for report/statistics tests on synthetic study folders
 SAMPLE_REFS = [
     "the cat sat on the mat near the door",
@@ -29,11 +32,11 @@ CHATML = (
 
 
 def _records() -> list[dict]:
-    return json.loads(ALPACA.read_text(encoding="utf-8"))
+    return json.loads(FIXTURE.read_text(encoding="utf-8"))
 
 
 def build_tokenizer(chat_template: bool = True):
-    """A 600-token byte-level BPE trained on the Alpaca sample: real text, tiny vocabulary, pad == eos."""
+    """A 600-token byte-level BPE trained on the synthetic fixture: English words, tiny vocabulary, pad == eos."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -44,7 +47,7 @@ def build_tokenizer(chat_template: bool = True):
         vocab_size=600, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    texts = [r["instruction"] + "\n" + r["input"] + "\n" + r["output"] for r in _records()[:400]]
+    texts = [r["instruction"] + "\n" + r["input"] + "\n" + r["output"] for r in _records()]
     tok.train_from_iterator(texts, trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|im_end|>", bos_token="<|im_start|>"
@@ -86,7 +89,7 @@ def alpaca_path() -> Path:
 
 @pytest.fixture()
 def small_data(tmp_path) -> Path:
-    """60 real Alpaca records in a temp file (tests never write into shared data)."""
+    """60 synthetic records in a temp file."""
     path = tmp_path / "small.json"
     path.write_text(json.dumps(_records()[:60]), encoding="utf-8")
     return path
