@@ -144,3 +144,18 @@ def test_tensorboard_logging_through_trainer(tiny_model_dir, small_data, tmp_pat
     args = _train_args(tiny_model_dir, small_data, out, "--max_steps", "2", "--report_to", "tensorboard", "--generate", "false")
     assert main(args) == 0
     assert list(out.glob("runs/**/events.out.tfevents.*"))
+
+
+def test_evaluate_uses_the_precision_the_run_recorded(tiny_model_dir, small_data, tmp_path, capsys):
+    from oloraplus.precision import bf16_supported
+
+    out = tmp_path / "run"
+    assert main(_train_args(tiny_model_dir, small_data, out, "--max_steps", "1", "--generate", "false")) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    metrics["precision"] = "bf16"  # as if the run had chosen bf16: evaluate must follow it, not probe again
+    (out / "metrics.json").write_text(json.dumps(metrics))
+    rc = main(["evaluate", str(out), "--generate", "false"])
+    if bf16_supported():
+        assert rc == 0 and json.loads((out / "evaluation" / "metrics.json").read_text())["precision"] == "bf16"
+    else:
+        assert rc == 2 and "precision bf16 is not supported" in capsys.readouterr().err

@@ -6,6 +6,7 @@ report can run a paired bootstrap over test examples without recomputing.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -166,6 +167,12 @@ def evaluate_run(
             raise OLoRAPlusError(f"{run} has no saved adapter (adapter/adapter_config.json)")
         config_path = config_path or str(run / "config.yaml")
         out = Path(eval_dir) if eval_dir else run / "evaluation"
+        recorded = run / "metrics.json"
+        if "precision" not in overrides and recorded.is_file():
+            # the precision the run evaluated in, not a fresh `auto` probe that could choose the other one
+            precision = json.loads(recorded.read_text()).get("precision")
+            if precision in ("fp32", "bf16"):
+                overrides = {**overrides, "precision": precision}
     else:
         if not eval_dir:
             raise OLoRAPlusError("evaluating the base model needs --eval_dir (where to write its results)")
