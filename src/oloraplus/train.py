@@ -35,6 +35,11 @@ from oloraplus.precision import keep_freed_memory_mapped, resolve_precision
 
 
 
+def labelled_tokens(batch: dict) -> torch.Tensor:
+    """How many next-token targets a causal-LM batch carries (labels shift by one)."""
+    return (batch["labels"][..., 1:] != IGNORE_INDEX).sum()
+
+
 class OLoRAPlusTrainer(Trainer):
     """Trainer whose optimizer has LoRA+ groups, and whose batches may be packed and split.
 
@@ -66,8 +71,7 @@ class OLoRAPlusTrainer(Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if num_items_in_batch is None:  # a model without loss kwargs: count this batch's share ourselves
-            labelled = (inputs["labels"][..., 1:] != IGNORE_INDEX).sum()
-            num_items_in_batch = labelled * self.current_gradient_accumulation_steps
+            num_items_in_batch = labelled_tokens(inputs) * self.current_gradient_accumulation_steps
         packs = split_packed(inputs, self.micro_batch_tokens) if is_packed(inputs) else [inputs]
         total = None
         for i, part in enumerate(packs):
@@ -94,8 +98,7 @@ class OLoRAPlusTrainer(Trainer):
             if self.model_accepts_loss_kwargs or num_items_in_batch is None:
                 return out
             # the model averaged over this pack's tokens: rescale to the whole batch's count
-            labelled = (inputs["labels"][..., 1:] != IGNORE_INDEX).sum()
-            scale = labelled / num_items_in_batch
+            scale = labelled_tokens(inputs) / num_items_in_batch
             return (out[0] * scale, *out[1:]) if return_outputs else out * scale
         token_loss, _ = batch_token_losses(model, inputs)
         if num_items_in_batch is None:
