@@ -7,12 +7,13 @@
 #   random-nodropout : random order, packed, dropout 0
 # Each pipeline is a resumable study folder; seeds run outer, pipelines inner, so a sitting
 # that stops part-way holds whole seeds. Then benchmarks/ablation_report.py compares them.
-#   SEEDS=0,1,2 N_TRAIN=1000 N_TEST=200 bash benchmarks/ablation_order_dropout.sh
+#   SEEDS=0,1,2 NAMES=grouped-dropout,random-dropout,random-nodropout N_TRAIN=1000 N_TEST=200 bash benchmarks/ablation_order_dropout.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
 OUT=${OUT:-docs/results/ablation-order-dropout}
 SEEDS=${SEEDS:-0,1,2}
+NAMES=${NAMES:-grouped-dropout,random-dropout,random-nodropout}
 DATA=${DATA:-${OLORAPLUS_DATA:-../shared/data/alpaca/alpaca_sample.json}}
 common=(--methods olora --data "$DATA" --n_train "${N_TRAIN:-1000}" --n_test "${N_TEST:-200}"
         --max_new_tokens "${NEW_TOKENS:-128}" --eval_batch_size 32 --precision fp32 --lr 2e-4 --batch_size 8 --no_report)
@@ -22,7 +23,7 @@ declare -A flags=(
   [random-nodropout]="--group_by_length false --packing true --dropout 0"
 )
 for seed in ${SEEDS//,/ }; do
-  for name in grouped-dropout random-dropout random-nodropout; do
+  for name in ${NAMES//,/ }; do
     echo "== seed $seed: $name ($(lscpu | sed -n 's/^Model name: *//p'), $(date -u +%H:%M:%S))"
     # shellcheck disable=SC2086
     "$BIN/oloraplus" compare "${common[@]}" ${flags[$name]} --seeds "$seed" --study_dir "$OUT/$name"

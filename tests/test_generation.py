@@ -26,6 +26,39 @@ def test_greedy_decode_equals_generate_also_when_rows_finish_early():
         assert row == cut
 
 
+def _generate_one(model, prompt, max_new_tokens, eos):
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=2, eos_token_id=eos)
+    out = model.generate(input_ids=torch.tensor([prompt]), generation_config=config)[0, len(prompt) :].tolist()
+    return out[: out.index(eos) + 1] if eos in out else out
+
+
+def test_refilled_batch_gives_each_prompt_what_generate_gives_it_alone():
+    model = build_tiny_llama(97, seed=3).eval()
+    prompts = [t["input_ids"] for t in _features([9, 3, 12, 5, 7, 4, 10], seed=2)]
+    free = greedy_decode(model, prompts, 12, eos_token_id=-1, pad_token_id=2)
+    eos = free[1][1]  # rows end at different steps, so prompts join a batch that is part-way through
+    finished = []
+    ours = greedy_decode(model, prompts, 12, eos_token_id=eos, pad_token_id=2, batch_size=3, on_finished=finished.append)
+    assert sorted(finished) == list(range(len(prompts))) and finished != sorted(finished)
+    assert len({len(row) for row in ours}) > 1
+    assert ours == [_generate_one(model, p, 12, eos) for p in prompts]
+
+
+def test_appended_rows_are_right_aligned_and_trimmed_padding_goes():
+    a, b = ReservedLayer(room=4), ReservedLayer(room=4)
+    ka, kb = torch.randn(2, 1, 5, 3), torch.randn(1, 1, 3, 3)
+    a.update(ka, ka)
+    b.update(kb, kb)
+    a.append_rows(b)
+    assert a.get_seq_length() == 5 and a.keys.shape[0] == 3
+    assert torch.equal(a.keys[:2], ka) and torch.equal(a.keys[2:, :, 2:], kb)
+    assert not a.keys[2:, :, :2].any()  # left padding is zeros, never uninitialised memory
+    a.batch_select_indices(torch.tensor([2]), start=2)  # only the short row stays: its padding goes
+    assert torch.equal(a.keys, kb)
+    step = torch.randn(1, 1, 1, 3)
+    assert torch.equal(a.update(step, step)[0], torch.cat([kb, step], dim=-2))
+
+
 def test_reserved_layer_holds_what_concatenation_holds_also_past_its_room():
     layer, keys, values = ReservedLayer(room=2), [], []
     for step, width in enumerate([3, 1, 1, 1, 2, 1]):  # the fourth token outgrows the room of 2

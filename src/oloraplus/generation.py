@@ -1,13 +1,15 @@
-"""Greedy answers: length-sorted batches, a KV cache with room reserved, and rows that leave once they end."""
+"""Greedy answers: a running batch refilled as rows end, over a KV cache with room reserved."""
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
-from oloraplus.data import length_sorted_batches, prompt_ids
+from oloraplus.data import prompt_ids
 from oloraplus.precision import autocast_context
 
 
@@ -24,6 +26,10 @@ class ReservedLayer(DynamicLayer):
         self.room = room
         self.length = 0
 
+    def _hold(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
+        self._keys, self._values, self.length = keys, values, length
+        self.keys, self.values = keys[..., :length, :], values[..., :length, :]
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
@@ -37,14 +43,25 @@ class ReservedLayer(DynamicLayer):
             self._keys[..., : self.length, :], self._values[..., : self.length, :] = keep_k, keep_v
         self._keys[..., self.length : self.length + new, :] = key_states
         self._values[..., self.length : self.length + new, :] = value_states
-        self.length += new
-        self.keys, self.values = self._keys[..., : self.length, :], self._values[..., : self.length, :]
+        self._hold(self._keys, self._values, self.length + new)
         return self.keys, self.values
 
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
+    def batch_select_indices(self, indices: torch.Tensor, start: int = 0) -> None:
+        """Keep the rows `indices`, and drop the first `start` positions (padding no kept row needs)."""
         if self.length:
-            self._keys, self._values = self._keys[indices], self._values[indices]
-            self.keys, self.values = self._keys[..., : self.length, :], self._values[..., : self.length, :]
+            self._hold(self._keys[indices][..., start:, :], self._values[indices][..., start:, :], self.length - start)
+
+    def append_rows(self, other: ReservedLayer) -> None:
+        """Stack `other`'s rows below ours, both right-aligned on the longer one (zeros, masked, on the left)."""
+        width = max(self.length, other.length)
+        shape = list(self._keys.shape)
+        shape[0], shape[-2] = shape[0] + other._keys.shape[0], width + self.room
+        keys, values = self._keys.new_zeros(shape), self._values.new_zeros(shape)
+        ours = self._keys.shape[0]
+        for rows, layer in ((slice(0, ours), self), (slice(ours, None), other)):
+            keys[rows, :, width - layer.length : width] = layer.keys
+            values[rows, :, width - layer.length : width] = layer.values
+        self._hold(keys, values, width)
 
 
 def reserved_cache(model: PreTrainedModel, room: int) -> DynamicCache:
@@ -54,50 +71,93 @@ def reserved_cache(model: PreTrainedModel, room: int) -> DynamicCache:
     return cache
 
 
-@torch.no_grad()
-def greedy_decode(
-    model: PreTrainedModel, prompts: list[list[int]], max_new_tokens: int, eos_token_id: int, pad_token_id: int
-) -> list[list[int]]:
-    """Greedy continuations of a batch of prompts (left-padded, KV cache), EOS included where emitted.
-
-    The same tokens as `model.generate(do_sample=False)` with the same positions and
-    mask, but a row leaves the batch (and its cache) as soon as it emits EOS:
-    generate keeps computing finished rows until the longest answer ends.
-    """
-    device = next(model.parameters()).device
+def _left_padded(prompts: list[list[int]], pad_token_id: int, device) -> tuple[torch.Tensor, ...]:
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for k, p in enumerate(prompts):
         ids[k, width - len(p) :] = torch.tensor(p)
         mask[k, width - len(p) :] = 1
-    ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).masked_fill_(mask == 0, 0)  # as generate computes them
-    cache = reserved_cache(model, max_new_tokens)
-    logits = model(
-        input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
-    ).logits[:, -1]
-    alive = torch.arange(len(prompts), device=device)
-    next_position = positions[:, -1] + 1
+    return ids.to(device), mask.to(device), positions.to(device)
+
+
+@torch.no_grad()
+def greedy_decode(
+    model: PreTrainedModel,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    batch_size: int | None = None,
+    on_finished: Callable[[int], None] | None = None,
+) -> list[list[int]]:
+    """Greedy continuations of `prompts` (EOS included where emitted), `batch_size` rows at a time.
+
+    The same tokens as `model.generate(do_sample=False)` on each prompt, with the same
+    positions and mask, but a row leaves the batch (and its KV cache) as soon as it
+    ends, and once half the batch has ended the waiting prompts take the free rows:
+    generate keeps computing finished rows until a batch's longest answer ends, so most
+    of its steps run a nearly empty batch. New rows join the cache left-padded to the
+    running width; padding no row needs is trimmed as rows leave.
+    """
+    device = next(model.parameters()).device
+    batch_size = batch_size or len(prompts)
     answers: list[list[int]] = [[] for _ in prompts]
-    for step in range(max_new_tokens):
+    rows = torch.zeros(0, dtype=torch.long)  # which prompt each running row answers
+    cache = mask = next_position = logits = None
+    waiting = 0
+    # rows can join a running batch only where every cache layer can take them (sliding layers cannot)
+    mergeable = all(isinstance(layer, ReservedLayer) for layer in reserved_cache(model, 0).layers)
+    while True:
+        if waiting < len(prompts) and (len(rows) == 0 or (mergeable and len(rows) <= batch_size // 2)):
+            start = torch.arange(waiting, min(len(prompts), waiting + batch_size - len(rows)))
+            waiting += len(start)
+            ids, new_mask, positions = _left_padded([prompts[i] for i in start], pad_token_id, device)
+            new_cache = reserved_cache(model, max_new_tokens)
+            new_logits = model(
+                input_ids=ids, attention_mask=new_mask, position_ids=positions, cache=new_cache, use_cache=True,
+                logits_to_keep=1,
+            ).logits[:, -1]
+            if len(rows) == 0:
+                cache, mask, next_position, logits = new_cache, new_mask, positions[:, -1] + 1, new_logits
+            else:
+                for layer, new_layer in zip(cache.layers, new_cache.layers):
+                    layer.append_rows(new_layer)
+                width = max(mask.shape[1], new_mask.shape[1])
+                mask = torch.cat([torch.nn.functional.pad(m, (width - m.shape[1], 0)) for m in (mask, new_mask)])
+                next_position = torch.cat([next_position, positions[:, -1] + 1])
+                logits = torch.cat([logits, new_logits])
+            rows = torch.cat([rows, start])
+        if len(rows) == 0:
+            return answers
         tokens = logits.float().argmax(-1)
-        for row, token in zip(alive.tolist(), tokens.tolist()):
+        ended = []
+        for k, (row, token) in enumerate(zip(rows.tolist(), tokens.tolist())):
             answers[row].append(token)
-        going = tokens != eos_token_id
-        if step == max_new_tokens - 1 or not bool(going.any()):
-            break
-        if not bool(going.all()):
-            keep = going.nonzero().squeeze(1)
-            cache.batch_select_indices(keep)
-            alive, tokens, mask, next_position = alive[keep], tokens[keep], mask[keep], next_position[keep]
-        mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=1)
+            if token == eos_token_id or len(answers[row]) == max_new_tokens:
+                ended.append(k)
+                if on_finished:
+                    on_finished(row)
+        if ended:
+            keep = torch.tensor([k for k in range(len(rows)) if k not in set(ended)], dtype=torch.long)
+            rows = rows[keep]
+            if len(rows) == 0:
+                cache = None
+                continue
+            keep = keep.to(device)
+            mask = mask[keep]
+            trim = int(mask.any(0).int().argmax()) if mergeable else 0  # leading columns no kept row attends to
+            mask = mask[:, trim:]
+            for layer in cache.layers:
+                layer.batch_select_indices(keep, trim) if mergeable else layer.batch_select_indices(keep)
+            tokens, next_position = tokens[keep], next_position[keep]
+        mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
         logits = model(
             input_ids=tokens[:, None], attention_mask=mask, position_ids=next_position[:, None],
             cache=cache, use_cache=True,
         ).logits[:, -1]
         next_position = next_position + 1
-    return answers
 
 
 @torch.no_grad()
@@ -110,19 +170,19 @@ def generate_answers(
     bf16: bool = False,
     max_prompt_length: int = 1024,
 ) -> tuple[list[str], int]:
-    """Greedy answers in length-sorted batches (`greedy_decode`); returns (answers, generated tokens)."""
+    """Greedy answers, longest prompts first, `batch_size` rows at a time (`greedy_decode`); returns (answers, generated tokens)."""
     model.eval()
     prompts = [prompt_ids(tokenizer, r)[-max_prompt_length:] for r in records]
-    answers: list[str] = [""] * len(records)
-    generated = 0
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # memory peaks at once, not late
     # generation is most of a run's evaluation time (minutes on a CPU): show it like training's bar
     progress = tqdm(total=len(records), desc="generating answers", unit="answer", leave=False)
-    for idx in length_sorted_batches([len(p) for p in prompts], batch_size):
-        with autocast_context(model, bf16):
-            rows = greedy_decode(model, [prompts[i] for i in idx], max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id)
-        for i, row in zip(idx, rows):
-            generated += len(row)
-            answers[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
-        progress.update(len(idx))
+    with autocast_context(model, bf16):
+        rows = greedy_decode(
+            model, [prompts[i] for i in order], max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
+            batch_size, on_finished=lambda _: progress.update(1),
+        )
     progress.close()
-    return answers, generated
+    answers: list[str] = [""] * len(records)
+    for i, row in zip(order, rows):
+        answers[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
+    return answers, sum(len(row) for row in rows)
