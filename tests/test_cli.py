@@ -159,3 +159,32 @@ def test_evaluate_uses_the_precision_the_run_recorded(tiny_model_dir, small_data
         assert rc == 0 and json.loads((out / "evaluation" / "metrics.json").read_text())["precision"] == "bf16"
     else:
         assert rc == 2 and "precision bf16 is not supported" in capsys.readouterr().err
+
+
+def _compare_parser():
+    from oloraplus.cli import build_parser
+
+    return build_parser()._subparsers._group_actions[0].choices["compare"]
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ([], {}),
+    (["--lr_ratios", "1/16,4", "--seeds", "0,1", "--methods", "olora,olora+"],
+     {"lr_ratios": [0.0625, 4.0], "seeds": [0, 1], "methods": ["olora", "olora+"]}),
+    (["--methods", "lora,lora+,olora+", "--lr_ratios", "0.25,16", "--seeds", "3", "--lrs", "1e-4,2e-4,1e-4",
+      "--baseline", "lora", "--protocol", "both", "--fixed_lr", "3e-4", "--selection_seeds", "all",
+      "--probe_fraction", "0.5"],
+     {"methods": ["lora", "lora+", "olora+"], "lr_ratios": [0.25, 16.0], "seeds": [3], "lrs": [1e-4, 2e-4],
+      "baseline": "lora", "protocol": "both", "fixed_lr": 3e-4, "selection_seeds": "all", "probe_fraction": 0.5}),
+])
+def test_compare_flags_parse_into_the_grid(flags, expected, monkeypatch, tmp_path):
+    from oloraplus import study
+    from oloraplus.study import GridConfig
+
+    seen = {}
+    monkeypatch.setattr(study, "run_study_parallel", lambda d, base, grid, workers: seen.update(grid=grid) or [])
+    assert main(["compare", "--study_dir", str(tmp_path / "s"), "--no_report", *flags]) == 0
+    assert seen["grid"] == GridConfig(**expected)
+    for name, value in expected.items():  # the same types as the field's, not just equal numbers
+        assert [type(v) for v in getattr(seen["grid"], name)] == [type(v) for v in value] if isinstance(value, list) \
+            else type(getattr(seen["grid"], name)) is type(value), name
