@@ -167,6 +167,19 @@ def _compare_parser():
     return build_parser()._subparsers._group_actions[0].choices["compare"]
 
 
+def test_compare_has_a_flag_with_help_and_default_for_every_grid_field():
+    from oloraplus.study import GridConfig
+
+    helps = {a.dest: a.help or "" for a in _compare_parser()._actions}
+    for f in dataclasses.fields(GridConfig):
+        assert f.name in helps, f"GridConfig.{f.name} has no compare flag"
+        assert f.metadata["help"] in helps[f.name] and "[default: " in helps[f.name], f.name
+    for flag, default in [("methods", "olora,olora+"), ("lr_ratios", "1/16,1/4,4,16"), ("seeds", "0,1,2"),
+                          ("baseline", "olora"), ("protocol", "fixed"), ("selection_seeds", "first"),
+                          ("probe_fraction", "1")]:
+        assert f"[default: {default}" in helps[flag], (flag, helps[flag])
+
+
 @pytest.mark.parametrize("flags, expected", [
     ([], {}),
     (["--lr_ratios", "1/16,4", "--seeds", "0,1", "--methods", "olora,olora+"],

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 from oloraplus.config import SECTIONS, flat_fields
 from oloraplus.errors import OLoRAPlusError
+from oloraplus.study import GRID_OPTIONS, grid_list_item_type
 
 PRESETS = ("quick", "paper-cpu", "paper-cpu-tuned", "paper")
 
@@ -34,6 +35,31 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                 metavar=name.split("_")[-1].upper(),
                 help=f"{f.metadata['help']} [default: {default}]",
             )
+
+
+def _shown(value: Any) -> str:
+    """A default as one would type it: lists comma-separated, 0.0625 as 1/16."""
+    if isinstance(value, list):
+        return ",".join(_shown(v) for v in value)
+    if isinstance(value, float) and 0 < value < 1 and (1 / value).is_integer():
+        return f"1/{1 / value:g}"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _add_grid_options(parser: argparse.ArgumentParser) -> None:
+    """One flag per GridConfig field, with its help and default; build_grid parses the strings."""
+    group = parser.add_argument_group("grid options (also the 'grid' section of --config)")
+    for name, f in GRID_OPTIONS.items():
+        if "default_text" in f.metadata:
+            default = f.metadata["default_text"]
+        else:
+            default = _shown(f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+        listed = "; comma-separated" if grid_list_item_type(name) is not None else ""
+        group.add_argument(f"--{name}", dest=name, help=f"{f.metadata['help']}{listed} [default: {default}]")
+
+
+def _grid_overrides(ns: argparse.Namespace) -> dict[str, Any]:
+    return {name: getattr(ns, name) for name in GRID_OPTIONS}
 
 
 def _overrides(ns: argparse.Namespace) -> dict[str, Any]:
@@ -75,7 +101,6 @@ def _study_file_data(ns: argparse.Namespace) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- commands
-GRID_FLAGS = ("methods", "lr_ratios", "seeds", "lrs", "baseline", "protocol", "fixed_lr", "selection_seeds", "probe_fraction")
 
 def cmd_train(ns: argparse.Namespace) -> int:
     from oloraplus.config import load_config
@@ -111,10 +136,7 @@ def cmd_compare(ns: argparse.Namespace) -> int:
     grid_data = data.pop("grid", {}) or {}
     study_dir = ns.study_dir or data.pop("study_dir", None) or f"studies/{ns.preset or 'study'}"
     data.pop("study_dir", None)
-    grid = build_grid(
-        grid_data,
-        {name: getattr(ns, name) for name in GRID_FLAGS},
-    )
+    grid = build_grid(grid_data, _grid_overrides(ns))
     base = build_config(data, _overrides(ns), source=ns.config or (f"preset {ns.preset}" if ns.preset else "config"))
     workers = _positive_int("workers", ns.workers)
     rows = run_study_parallel(study_dir, base, grid, workers)  # checks the protocol against the run config before any run
@@ -168,28 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="a grid of methods x lambda x lr x seeds on one split; table and report")
     p.add_argument("--preset", choices=PRESETS, help="quick | paper-cpu | paper-cpu-tuned | paper (see the README)")
-    p.add_argument("--config", help="YAML config; a 'grid' section sets methods, lr_ratios, seeds, lrs, baseline, "
-                                    "protocol, fixed_lr, selection_seeds, probe_fraction")
+    p.add_argument("--config", help=f"YAML config; a 'grid' section sets {', '.join(GRID_OPTIONS)}")
     p.add_argument("--study_dir", help="study folder (resumable) [default: studies/PRESET]")
-    p.add_argument("--methods", help="comma-separated methods, e.g. olora,olora+ [default: olora,olora+]")
-    p.add_argument("--lr_ratios", help="comma-separated lambdas for '+' methods, e.g. 1/16,1/4,4,16")
-    p.add_argument("--seeds", help="comma-separated training seeds [default: 0,1,2]")
-    p.add_argument("--lrs", help="comma-separated base learning rates: the lr axis of protocol fixed, the candidates "
-                                 "of protocol tuned [default: --lr]")
-    p.add_argument("--baseline", help="method the others are compared with [default: olora]")
-    p.add_argument("--protocol", help="fixed: every method at one lr; tuned: each method/lambda at the lr with the best "
-                                      "validation loss (needs --lrs with 2+ values and --val_fraction > 0); both "
-                                      "[default: fixed]")
-    p.add_argument("--fixed_lr", help="the one lr of protocol fixed when lrs are the tuned candidates [default: --lr]")
-    p.add_argument("--selection_seeds", help="tuned: choose the lr on the first seed or on all seeds: first | all "
-                                             "[default: first]")
-    p.add_argument("--probe_fraction", help="tuned: selection runs train this fraction of the full steps, in (0, 1] "
-                                            "[default: 1, full-length]")
     p.add_argument("--workers", default="1", help="processes that train runs at once: several GPUs get one each, "
                                                   "one GPU is shared, CPU cores are split; the same command started "
                                                   "on machines sharing the study folder also splits the runs "
                                                   "[default: 1]")
     p.add_argument("--no_report", action="store_true", help="skip writing the report at the end")
+    _add_grid_options(p)
     _add_run_options(p)
     p.set_defaults(func=cmd_compare)
 

@@ -198,6 +198,12 @@ def _base_type(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+def list_item_type(annotation: Any) -> Any | None:
+    """The item type of a list annotation (`list[float]`, `list[int] | None`), None for any other annotation."""
+    tp, _ = _base_type(annotation)
+    return typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
+
+
 def coerce(name: str, value: Any, annotation: Any) -> Any:
     """Turn a YAML or command-line value into the field's type, or say which option is wrong."""
     tp, optional = _base_type(annotation)

@@ -38,7 +38,7 @@ from typing import Any, Iterator
 
 import yaml
 
-from oloraplus.config import METHODS, RunConfig, build_config, coerce, field_types
+from oloraplus.config import METHODS, RunConfig, build_config, coerce, field_types, list_item_type
 from oloraplus.errors import OLoRAPlusError
 from oloraplus.fsutil import METRICS_FILE, atomic_write_json, atomic_write_text, is_finished
 
@@ -53,30 +53,44 @@ SELECTION_SEEDS = ("first", "all")
 
 @dataclass(frozen=True)
 class GridConfig:
-    methods: list[str] = field(default_factory=lambda: ["olora", "olora+"], metadata={"help": "methods in the grid"})
+    """The study's grid: the `grid` section of a study YAML, and the flags of `oloraplus compare`.
+
+    Every field carries its help text (and, where the default is not a plain value, the words
+    `default_text` shows instead), so cli.py builds one flag per field. A list field is given
+    comma-separated on the command line, as its item type; float lists accept fractions (1/16).
+    """
+
+    methods: list[str] = field(
+        default_factory=lambda: ["olora", "olora+"], metadata={"help": f"methods in the grid: {' | '.join(METHODS)}"}
+    )
     lr_ratios: list[float] = field(
-        default_factory=lambda: [1 / 16, 1 / 4, 4.0, 16.0], metadata={"help": "lambda values for the '+' methods"}
+        default_factory=lambda: [1 / 16, 1 / 4, 4.0, 16.0],
+        metadata={"help": "lambda values for the '+' methods (fractions allowed: 1/16)"},
     )
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "training seeds"})
     lrs: list[float] | None = field(
         default=None,
-        metadata={"help": "base learning rates: the lr axis of protocol fixed, the candidates of protocol tuned "
-                          "(default: train.lr)"},
+        metadata={"help": "base learning rates: the lr axis of protocol fixed, the candidates of protocol tuned",
+                  "default_text": "train.lr (--lr)"},
     )
     baseline: str = field(default="olora", metadata={"help": "the method every other run is compared with"})
     protocol: str = field(
         default="fixed",
-        metadata={"help": "fixed: every method at one lr; tuned: each method/lambda at its best lr on validation; both"},
+        metadata={"help": "fixed: every method at one lr; tuned: each method/lambda at the lr with the best validation "
+                          "loss (needs lrs with 2+ values and val_fraction > 0); both: the two"},
     )
     fixed_lr: float | None = field(
-        default=None, metadata={"help": "the one lr of protocol fixed (default: train.lr)"}
+        default=None,
+        metadata={"help": "the one lr of protocol fixed when lrs are the tuned candidates",
+                  "default_text": "train.lr (--lr)"},
     )
     selection_seeds: str = field(
         default="first", metadata={"help": "tuned: choose the lr on the first seed or on all seeds (first | all)"}
     )
     probe_fraction: float = field(
         default=1.0,
-        metadata={"help": "tuned: selection runs train this fraction of the full steps (1 = full-length runs)"},
+        metadata={"help": "tuned: selection runs train this fraction of the full steps, in (0, 1] "
+                          "(1 = full-length runs)"},
     )
 
     @property
@@ -85,7 +99,11 @@ class GridConfig:
 
 
 GRID_OPTIONS = {f.name: f for f in dataclasses.fields(GridConfig)}
-LIST_KINDS: dict[str, type] = {"methods": str, "lr_ratios": float, "seeds": int, "lrs": float}
+
+
+def grid_list_item_type(name: str) -> type | None:
+    """The item type of a list option of the grid, None for a single-valued one."""
+    return list_item_type(field_types(GridConfig)[name])
 
 
 def _list_of(name: str, value: Any, kind: type) -> list:
@@ -103,8 +121,9 @@ def _coerce_option(name: str, value: Any) -> Any:
     """A grid option from YAML or the command line, as its field's type."""
     if value is None:
         return None
-    if name in LIST_KINDS:
-        items = _list_of(name, value, LIST_KINDS[name])
+    kind = grid_list_item_type(name)
+    if kind is not None:
+        items = _list_of(name, value, kind)
         return list(dict.fromkeys(items)) if name == "lrs" else items
     return coerce(name, value, field_types(GridConfig)[name])
 
