@@ -21,11 +21,11 @@ def _model():
     return model
 
 
-@pytest.mark.parametrize("ratio", [1 / 16, 0.25, 1.0, 4.0, 16.0])
-def test_trainer_optimizer_has_exact_loraplus_rates(tmp_path, ratio):
+@pytest.mark.parametrize("lr_ratio", [1 / 16, 0.25, 1.0, 4.0, 16.0])
+def test_trainer_optimizer_has_exact_loraplus_rates(tmp_path, lr_ratio):
     model = _model()
     args = TrainingArguments(output_dir=str(tmp_path), learning_rate=3e-4, weight_decay=0.1, use_cpu=True, report_to=[])
-    trainer = OLoRAPlusTrainer(model=model, args=args, lr_ratio=ratio)
+    trainer = OLoRAPlusTrainer(model=model, args=args, lr_ratio=lr_ratio)
     opt = trainer.create_optimizer()
     assert isinstance(opt, torch.optim.AdamW)
     ids = {id(p): n for n, p in model.named_parameters()}
@@ -34,7 +34,7 @@ def test_trainer_optimizer_has_exact_loraplus_rates(tmp_path, ratio):
         for p in group["params"]:
             name = ids[id(p)]
             seen.add(name)
-            expected = 3e-4 * ratio if ".lora_B." in name else 3e-4  # A and the norm keep the base lr
+            expected = 3e-4 * lr_ratio if ".lora_B." in name else 3e-4  # A and the norm keep the base lr
             assert math.isclose(group["lr"], expected, rel_tol=1e-12), name
             assert group["weight_decay"] == (0.0 if name.endswith("norm.weight") else 0.1), name
     assert seen == {n for n, p in model.named_parameters() if p.requires_grad}

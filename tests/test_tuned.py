@@ -117,8 +117,8 @@ def test_chosen_lr_is_the_argmin_of_validation_loss(tuned):
     selection = json.loads((study / SELECTION_FILE).read_text())
     assert set(selection) == {"olora/1", "olora+/4"}
     for key, entry in selection.items():
-        method, lam = key.split("/")
-        losses = {lr: _metrics(study / "runs" / f"{method}_lam{lam}_lr{lr:g}_seed0_probe{PROBE:g}")["val_loss"]
+        method, lr_ratio = key.split("/")
+        losses = {lr: _metrics(study / "runs" / f"{method}_lam{lr_ratio}_lr{lr:g}_seed0_probe{PROBE:g}")["val_loss"]
                   for lr in LRS}
         assert entry["val_loss_by_lr"] == pytest.approx({f"{lr:g}": v for lr, v in losses.items()})
         assert entry["chosen_lr"] == min(losses, key=losses.get)
@@ -140,11 +140,11 @@ def test_final_runs_cover_both_protocols_over_all_seeds(tuned):
     study, _ = tuned
     selection = json.loads((study / SELECTION_FILE).read_text())
     names = {p.name for p in _final_dirs(study)}
-    for method, lam in (("olora", "1"), ("olora+", "4")):
-        chosen = selection[f"{method}/{lam}"]["chosen_lr"]
+    for method, lr_ratio in (("olora", "1"), ("olora+", "4")):
+        chosen = selection[f"{method}/{lr_ratio}"]["chosen_lr"]
         for seed in (0, 1):
-            assert f"{method}_lam{lam}_lr{FIXED_LR:g}_seed{seed}" in names  # protocol fixed
-            assert f"{method}_lam{lam}_lr{chosen:g}_seed{seed}" in names  # protocol tuned (reused when equal)
+            assert f"{method}_lam{lr_ratio}_lr{FIXED_LR:g}_seed{seed}" in names  # protocol fixed
+            assert f"{method}_lam{lr_ratio}_lr{chosen:g}_seed{seed}" in names  # protocol tuned (reused when equal)
 
 
 def test_within_a_seed_the_tuned_runs_come_before_the_fixed_ones():

@@ -30,7 +30,7 @@ METHODS: dict[str, tuple[str, bool]] = {
     "pissa+": ("pissa", True),
 }
 INITS = ("gaussian", "olora", "pissa")
-DEFAULT_PLUS_RATIO = 4.0
+DEFAULT_PLUS_LR_RATIO = 4.0
 
 
 def _help(text: str, flag: str | None = None, **kw: Any) -> Any:
@@ -79,7 +79,7 @@ class DataConfig:
 class AdapterConfig:
     method: str = _help("lora | lora+ | olora | olora+ | pissa | pissa+", default="olora+")
     lr_ratio: float | None = _help(
-        f"LoRA+ ratio lambda: B learns at lambda x lr (default {DEFAULT_PLUS_RATIO:g} for '+' methods, 1 otherwise)",
+        f"LoRA+ ratio lambda: B learns at lambda x lr (default {DEFAULT_PLUS_LR_RATIO:g} for '+' methods, 1 otherwise)",
         default=None,
     )
     rank: int = _help("LoRA rank r", default=16)
@@ -94,11 +94,11 @@ class AdapterConfig:
         return METHODS[self.method][0]
 
     @property
-    def ratio(self) -> float:
-        """The resolved lambda."""
+    def resolved_lr_ratio(self) -> float:
+        """lr_ratio, or its default for the method when unset."""
         if self.lr_ratio is not None:
             return float(self.lr_ratio)
-        return DEFAULT_PLUS_RATIO if METHODS[self.method][1] else 1.0
+        return DEFAULT_PLUS_LR_RATIO if METHODS[self.method][1] else 1.0
 
 
 @dataclass(frozen=True)

@@ -189,6 +189,7 @@ class RunSpec:
 
     @property
     def run_id(self) -> str:
+        # "lam" (the lr_ratio) stays in the id: committed studies' run folders are named so, and resume by it
         rid = f"{self.method}_lam{self.lr_ratio:g}_lr{self.lr:g}_seed{self.seed}"
         if self.probe is None:
             return rid
@@ -208,15 +209,15 @@ def selection_key(method: str, lr_ratio: float) -> str:
     return f"{method}/{lr_ratio:g}"
 
 
-def method_lambdas(grid: GridConfig) -> list[tuple[str, float]]:
+def method_lr_ratios(grid: GridConfig) -> list[tuple[str, float]]:
     """Every (method, lambda) of the grid; a '+' method at lambda = 1 is its parent, dropped when the parent is there."""
     pairs: list[tuple[str, float]] = []
     for method in grid.methods:
         plus = METHODS[method][1]
-        for ratio in grid.lr_ratios if plus else [1.0]:
-            if plus and ratio == 1.0 and method.rstrip("+") in grid.methods:
+        for lr_ratio in grid.lr_ratios if plus else [1.0]:
+            if plus and lr_ratio == 1.0 and method.rstrip("+") in grid.methods:
                 continue
-            pairs.append((method, float(ratio)))
+            pairs.append((method, float(lr_ratio)))
     return list(dict.fromkeys(pairs))
 
 
@@ -236,10 +237,10 @@ def selection_seeds(grid: GridConfig) -> list[int]:
 def expand_grid(base: RunConfig, grid: GridConfig) -> list[RunSpec]:
     """The runs of protocol fixed, seed-major, so an interrupted grid has whole seeds done first."""
     return [
-        RunSpec(method, ratio, lr, int(seed))
+        RunSpec(method, lr_ratio, lr, int(seed))
         for seed in grid.seeds
         for lr in fixed_lrs(base, grid)
-        for method, ratio in method_lambdas(grid)
+        for method, lr_ratio in method_lr_ratios(grid)
     ]
 
 
@@ -248,10 +249,10 @@ def selection_specs(grid: GridConfig) -> list[RunSpec]:
     if not grid.tuned:
         return []
     return [
-        RunSpec(method, ratio, float(lr), int(seed), probe=grid.probe_fraction)
+        RunSpec(method, lr_ratio, float(lr), int(seed), probe=grid.probe_fraction)
         for seed in selection_seeds(grid)
         for lr in grid.lrs or []
-        for method, ratio in method_lambdas(grid)
+        for method, lr_ratio in method_lr_ratios(grid)
     ]
 
 
@@ -259,9 +260,9 @@ def tuned_specs(grid: GridConfig, selection: dict[str, dict[str, Any]]) -> list[
     """Each method/lambda at its chosen lr over all seeds; one whose every lr diverged has none."""
     chosen = [(e["method"], float(e["lr_ratio"]), e["chosen_lr"]) for e in selection.values()]
     return [
-        RunSpec(method, ratio, float(lr), int(seed))
+        RunSpec(method, lr_ratio, float(lr), int(seed))
         for seed in grid.seeds
-        for method, ratio, lr in chosen
+        for method, lr_ratio, lr in chosen
         if lr is not None
     ]
 
@@ -349,18 +350,18 @@ def choose_lrs(grid: GridConfig, metrics: dict[str, dict[str, Any]]) -> dict[str
     """
     seeds = selection_seeds(grid)
     out: dict[str, dict[str, Any]] = {}
-    for method, ratio in method_lambdas(grid):
+    for method, lr_ratio in method_lr_ratios(grid):
         by_lr: dict[float, float] = {}
         for lr in grid.lrs or []:
-            ids = [RunSpec(method, ratio, float(lr), s, grid.probe_fraction).run_id for s in seeds]
+            ids = [RunSpec(method, lr_ratio, float(lr), s, grid.probe_fraction).run_id for s in seeds]
             missing = [i for i in ids if i not in metrics]
             if missing:
                 raise OLoRAPlusError(f"selection run(s) without results: {', '.join(missing)}")
             by_lr[float(lr)] = sum(_val_loss(metrics[i]) for i in ids) / len(ids)
         finite = {lr: v for lr, v in by_lr.items() if math.isfinite(v)}
-        out[selection_key(method, ratio)] = {
+        out[selection_key(method, lr_ratio)] = {
             "method": method,
-            "lr_ratio": ratio,
+            "lr_ratio": lr_ratio,
             "chosen_lr": min(finite, key=finite.__getitem__) if finite else None,
             "val_loss_by_lr": {f"{lr:g}": (v if math.isfinite(v) else None) for lr, v in by_lr.items()},
             "selection_seeds": seeds,

@@ -291,7 +291,7 @@ def train_adapter(prep: PreparedRun, out: Path) -> TrainedAdapter:
         data_collator=PackCollator() if packing else PadCollator(prep.tokenizer.pad_token_id),
         processing_class=prep.tokenizer,
         callbacks=[dynamics, divergence],
-        lr_ratio=a.ratio,
+        lr_ratio=a.resolved_lr_ratio,
         micro_batch_tokens=prep.memory.micro_batch_tokens,
     )
     t0 = time.perf_counter()
@@ -305,12 +305,13 @@ def record_training(prep: PreparedRun, trained: TrainedAdapter, out: Path) -> di
     history = [dict(h) for h in state.log_history]
     atomic_write_json(out / "history.json", history)
     atomic_write_jsonl(out / "dynamics.jsonl", trained.dynamics.rows)
-    plots.train_loss_curve(history, out / "train_loss.png", title=f"{cfg.adapter.method} λ={cfg.adapter.ratio:g}")
+    title = f"{cfg.adapter.method} λ={cfg.adapter.resolved_lr_ratio:g}"
+    plots.train_loss_curve(history, out / "train_loss.png", title=title)
     tokens = int(state.num_input_tokens_seen)  # summed over processes by Trainer
     return {
         "method": cfg.adapter.method,
         "init": cfg.adapter.init,
-        "lr_ratio": cfg.adapter.ratio,
+        "lr_ratio": cfg.adapter.resolved_lr_ratio,
         "lr": cfg.train.lr,
         "seed": cfg.train.seed,
         "n_train": trained.n_examples,
