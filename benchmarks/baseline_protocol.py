@@ -22,7 +22,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from bench_eval import baseline_answers, plain_losses  # noqa: E402
 from bench_train import DEFAULT_DATA, baseline_trainer  # noqa: E402
 
-from oloraplus.evaluate import corpus_loss, score_texts  # noqa: E402
+from oloraplus.evaluate import corpus_loss  # noqa: E402
+from oloraplus.scoring import score_texts  # noqa: E402
 
 
 def main() -> int:

@@ -38,7 +38,8 @@ sys.path.insert(0, str(REPO / "src"))  # run from a checkout without installing
 
 from oloraplus import adapters  # noqa: E402
 from oloraplus.data import load_records, prompt_ids, split_indices  # noqa: E402
-from oloraplus.evaluate import corpus_loss, example_losses, score_texts  # noqa: E402
+from oloraplus.evaluate import corpus_loss, example_losses  # noqa: E402
+from oloraplus.scoring import score_texts  # noqa: E402
 from oloraplus.generation import generate_answers  # noqa: E402
 from oloraplus.models import load_base  # noqa: E402
 

@@ -7,7 +7,8 @@ import sacrebleu
 import torch
 from rouge_score import rouge_scorer
 
-from oloraplus.evaluate import bleu_from_statistics, corpus_loss, example_losses, score_texts
+from oloraplus.evaluate import corpus_loss, example_losses
+from oloraplus.scoring import bleu_from_statistics, score_texts
 from oloraplus.generation import generate_answers
 
 from conftest import build_tiny_llama, build_tokenizer

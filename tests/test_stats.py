@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -105,7 +109,7 @@ BAD = [" ".join(r.split()[:3]) + " something else entirely" for r in REFS]
 
 @pytest.fixture(scope="module")
 def bleu_tools():
-    from oloraplus.evaluate import bleu_from_statistics, bleu_statistics
+    from oloraplus.scoring import bleu_from_statistics, bleu_statistics
 
     return bleu_statistics, bleu_from_statistics
 
@@ -144,3 +148,12 @@ def test_bleu_bootstrap_uses_summed_statistics_of_the_drawn_examples():
     assert res.diff == pytest.approx(60.0)  # summed over all three examples: (1+2+3) * 10
     assert all(len(s) == 1 and len(s[0]) == 10 for s in seen)  # one summed row per call
     assert 30.0 <= res.low <= res.high <= 90.0  # between all-ones and all-threes resamples
+
+
+def test_importing_stats_loads_no_torch():
+    """The report's statistics (and its BLEU bootstrap) are numbers in, numbers out: no torch behind them."""
+    env = {**os.environ, "PYTHONPATH": str(Path(stats.__file__).parents[1])}
+    code = ("import sys, oloraplus.stats as s; s.paired_bootstrap_bleu([[2, 1, 1, 1, 2, 1, 1, 1, 2, 2]] * 3, "
+            "[[1, 1, 1, 1, 2, 1, 1, 1, 2, 2]] * 3, n_resamples=5); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.strip() == "False"

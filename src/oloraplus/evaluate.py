@@ -1,4 +1,4 @@
-"""Evaluation: per-example eval loss, batched greedy generation, corpus BLEU and ROUGE-1/2/L.
+"""Evaluation: per-example eval loss, batched greedy generation, corpus BLEU and ROUGE-1/2/L (scoring.py).
 
 Per-example numbers (loss, ROUGE, BLEU sufficient statistics) are kept so the
 report can run a paired bootstrap over test examples without recomputing.
@@ -12,9 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import sacrebleu
 import torch
-from rouge_score import rouge_scorer
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from oloraplus.data import PadCollator, length_sorted_batches, tokenize_example
@@ -22,8 +20,9 @@ from oloraplus.generation import generate_answers
 from oloraplus.loss import batch_token_losses
 from oloraplus.packing import PackCollator, can_pack, use_packed_attention
 from oloraplus.precision import autocast_context
-
-ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
+from oloraplus.scoring import ROUGE_TYPES, score_texts
+# moved to scoring.py (torch-free, for stats.py); still importable from here until report's tests import them there
+from oloraplus.scoring import bleu_from_statistics, bleu_statistics, rouge_per_example  # noqa: F401
 
 
 @torch.no_grad()
@@ -73,35 +72,6 @@ def corpus_loss(losses: list[tuple[float, int]]) -> float:
     total = sum(s for s, n in losses if n)
     count = sum(n for _, n in losses)
     return total / count if count else math.nan
-
-
-def bleu_statistics(predictions: list[str], references: list[str]) -> list[list[int]]:
-    """Per-example sacreBLEU sufficient statistics; summing any subset gives that subset's corpus BLEU."""
-    return [list(map(int, s)) for s in sacrebleu.BLEU()._extract_corpus_statistics(predictions, [references])]
-
-
-def bleu_from_statistics(stats: list[list[int]]) -> float:
-    summed = [sum(col) for col in zip(*stats)]
-    return float(sacrebleu.BLEU()._compute_score_from_stats(summed).score)
-
-
-def rouge_per_example(predictions: list[str], references: list[str]) -> list[dict[str, float]]:
-    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
-    return [
-        {k: float(v.fmeasure) for k, v in scorer.score(ref, pred).items()}
-        for pred, ref in zip(predictions, references)
-    ]
-
-
-def score_texts(predictions: list[str], references: list[str]) -> dict[str, Any]:
-    """Corpus BLEU (sacrebleu, 0-100) and mean ROUGE F1 (rouge-score with stemmer, 0-1)."""
-    rouge = rouge_per_example(predictions, references)
-    n = max(len(rouge), 1)
-    return {
-        "bleu": float(sacrebleu.corpus_bleu(predictions, [references]).score),
-        **{k: sum(r[k] for r in rouge) / n for k in ROUGE_TYPES},
-        "per_example": {"rouge": rouge, "bleu_stats": bleu_statistics(predictions, references)},
-    }
 
 
 def evaluate_model(

@@ -14,6 +14,8 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from oloraplus.scoring import bleu_from_statistics
+
 # Two-sided 95% Student t quantiles (t_{0.975, df}) for df = 1..30; beyond that a
 # Cornish-Fisher expansion around the normal quantile is accurate to ~1e-4.
 _T975 = (
@@ -150,12 +152,6 @@ def paired_bootstrap(
     return _percentile_result(float(d.mean()), boot, higher_is_better, n)
 
 
-def _default_bleu() -> Callable[[list[list[int]]], float]:
-    from oloraplus.evaluate import bleu_from_statistics  # lazy: evaluate pulls in torch
-
-    return bleu_from_statistics
-
-
 def _mean_corpus_bleu(stats: np.ndarray, weights: np.ndarray, bleu: Callable[[list[list[int]]], float]) -> np.ndarray:
     """Per resample, corpus BLEU of each seed from its summed statistics, averaged over seeds."""
     # stats: (seeds, examples, 10); weights: (resamples, examples) -> summed: (seeds, resamples, 10)
@@ -178,7 +174,7 @@ def paired_bootstrap_bleu(
     for every seed of both methods; corpus BLEU is recomputed from the summed
     statistics of the drawn examples and averaged over seeds.
     """
-    bleu = bleu or _default_bleu()
+    bleu = bleu or bleu_from_statistics
     x = np.asarray(method_stats, dtype=np.float64)
     b = np.asarray(baseline_stats, dtype=np.float64)
     x, b = (a[None] if a.ndim == 2 else a for a in (x, b))
