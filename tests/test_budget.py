@@ -74,14 +74,14 @@ def test_a_budgeted_run_records_its_plan(tiny_model_dir, small_data, tmp_path):
 def test_checkpointed_packed_training_gives_the_same_losses(tiny_model_dir, small_data, tmp_path, monkeypatch):
     import json
 
-    from oloraplus import train
+    from oloraplus import prepare
     from oloraplus.budget import MemoryPlan
 
     args = ["train", "--model", str(tiny_model_dir), "--data", str(small_data), "--n_train", "16", "--n_test", "2",
             "--generate", "false", "--dropout", "0", "--logging_steps", "1", "--precision", "fp32"]
     losses = {}
     for checkpointing in (False, True):
-        monkeypatch.setattr(train, "plan_memory", lambda *a, **k: MemoryPlan(64, checkpointing, 4, 1.0))
+        monkeypatch.setattr(prepare, "plan_memory", lambda *a, **k: MemoryPlan(64, checkpointing, 4, 1.0))
         out = tmp_path / f"ckpt-{checkpointing}"
         assert main([*args, "--output_dir", str(out)]) == 0
         history = json.loads((out / "history.json").read_text())

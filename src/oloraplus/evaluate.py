@@ -15,11 +15,16 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from oloraplus.adapters import merge_saved_adapter
+from oloraplus.config import load_config
 from oloraplus.data import PadCollator, length_sorted_batches, tokenize_example
+from oloraplus.errors import OLoRAPlusError
+from oloraplus.fsutil import atomic_write_json, atomic_write_jsonl
 from oloraplus.generation import generate_answers
 from oloraplus.loss import batch_token_losses
 from oloraplus.packing import PackCollator, can_pack, use_packed_attention
-from oloraplus.precision import autocast_context
+from oloraplus.precision import autocast_context, keep_freed_memory_mapped
+from oloraplus.prepare import PreparedRun
 from oloraplus.scoring import ROUGE_TYPES, score_texts
 # moved to scoring.py (torch-free, for stats.py); still importable from here until report's tests import them there
 from oloraplus.scoring import bleu_from_statistics, bleu_statistics, rouge_per_example  # noqa: F401
@@ -123,13 +128,6 @@ def evaluate_run(
     run_dir: str | None, config_path: str | None, overrides: dict[str, Any], eval_dir: str | None
 ) -> tuple[dict[str, Any], Path]:
     """`oloraplus evaluate`: the untouched base model plus a run's saved adapter (or the base alone) on the test split."""
-    from oloraplus.adapters import merge_saved_adapter
-    from oloraplus.config import load_config
-    from oloraplus.errors import OLoRAPlusError
-    from oloraplus.fsutil import atomic_write_json, atomic_write_jsonl
-    from oloraplus.precision import keep_freed_memory_mapped
-    from oloraplus.train import PreparedRun
-
     if run_dir is not None:
         run = Path(run_dir)
         adapter = run / "adapter"

@@ -489,7 +489,7 @@ def _check_study(study_dir: Path, base: RunConfig, grid: GridConfig) -> list[Run
 
 def run_study(study_dir: str | Path, base: RunConfig, grid: GridConfig) -> list[dict[str, Any]]:
     """Run every unfinished run of the study; return the metrics of all finished test-evaluated runs, in order."""
-    from oloraplus.train import PreparedRun
+    from oloraplus.prepare import PreparedRun  # here, not at the top: `import study` stays free of torch
 
     study_dir = Path(study_dir)
     configs = _check_study(study_dir, base, grid)

@@ -22,16 +22,16 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from oloraplus import adapters, plots
 from oloraplus.config import RunConfig
-from oloraplus.data import IGNORE_INDEX, PadCollator, Split, load_records, split_indices, tokenize_records
+from oloraplus.data import IGNORE_INDEX, PadCollator, tokenize_records
 from oloraplus.errors import OLoRAPlusError
-from oloraplus.evaluate import evaluate_model, example_losses, corpus_loss
+from oloraplus.evaluate import corpus_loss, evaluate_model, example_losses
 from oloraplus.fsutil import METRICS_FILE, atomic_write_json, atomic_write_jsonl, atomic_write_text, is_finished
-from oloraplus.budget import plan_memory
-from oloraplus.loss import LOGITS_CHUNK_BYTES, batch_token_losses
-from oloraplus.packing import PackCollator, can_pack, is_packed, split_packed, use_packed_attention
+from oloraplus.loss import batch_token_losses
 from oloraplus.models import load_base
 from oloraplus.optim import loraplus_param_groups
-from oloraplus.precision import keep_freed_memory_mapped, resolve_precision
+from oloraplus.packing import PackCollator, can_pack, is_packed, split_packed, use_packed_attention
+from oloraplus.precision import keep_freed_memory_mapped
+from oloraplus.prepare import PreparedRun
 
 
 
@@ -166,26 +166,6 @@ class DivergenceCallback(TrainerCallback):
 def device_name() -> str:
     """What trained the run: the GPU's name, or 'cpu'."""
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-
-
-class PreparedRun:
-    """Everything validated and loaded before a single file is written."""
-
-    def __init__(self, cfg: RunConfig):
-        self.cfg = cfg
-        self.records = load_records(cfg.data.source)
-        self.split: Split = split_indices(
-            len(self.records), cfg.data.n_train, cfg.data.n_test, cfg.data.val_fraction, cfg.data.split_seed, cfg.data.source
-        )
-        self.model, self.tokenizer = load_base(cfg.model.name, cfg.model.cache_dir)
-        targets = cfg.adapter.target_modules or adapters.default_target_modules(self.model)
-        adapters.check_targets(self.model, targets, cfg.adapter.rank)
-        self.bf16, self.precision_choice = resolve_precision(cfg.model.precision, self.model)
-        t, d, e = cfg.train, cfg.data, cfg.eval
-        self.memory = plan_memory(
-            self.model, t.max_memory_gb, t.micro_batch_tokens, d.max_length, t.batch_size, e.eval_batch_size,
-            e.max_new_tokens, LOGITS_CHUNK_BYTES,
-        )
 
 
 @dataclass
