@@ -7,7 +7,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
 
 from oloraplus.data import IGNORE_INDEX, PadCollator
 from oloraplus import loss as loss_module
-from oloraplus.loss import decoder_and_head, head_token_losses, response_token_losses
+from oloraplus.loss import head_token_losses, response_token_losses
+from oloraplus.models import decoder_and_head
 from oloraplus.train import OLoRAPlusTrainer
 
 from conftest import build_tiny_llama

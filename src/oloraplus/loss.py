@@ -18,27 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from oloraplus.data import IGNORE_INDEX
+from oloraplus.models import decoder_and_head
 from oloraplus.packing import PACKED_KEYS, is_packed
 
-# Families whose logits are exactly lm_head(decoder(...).last_hidden_state). Others
-# (logit softcapping, logit scaling, router auxiliary losses) use their own forward.
-HEAD_ONLY_FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "smollm3"})
 LOGITS_CHUNK_BYTES = 64 << 20
-
-
-# Families whose logits are lm_head(hidden) unless their config sets a final logit softcap.
-SOFTCAP_FAMILIES = frozenset({"gemma2", "gemma3_text"})
-
-
-def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
-    """The decoder stack and LM head of a (PEFT-wrapped or plain) causal LM of a known family, else None."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = getattr(base, "config", None)
-    family = getattr(config, "model_type", None)
-    plain_head = family in HEAD_ONLY_FAMILIES or (
-        family in SOFTCAP_FAMILIES and getattr(config, "final_logit_softcapping", None) is None
-    )
-    return (base.get_decoder(), base.get_output_embeddings()) if plain_head else None
 
 
 class _FrozenHeadCrossEntropy(torch.autograd.Function):

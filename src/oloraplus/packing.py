@@ -22,6 +22,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from oloraplus.data import IGNORE_INDEX
+from oloraplus.models import decoder_and_head
 
 PACKED_ATTENTION = "oloraplus_packed_sdpa"
 PACKED_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
@@ -54,11 +55,9 @@ AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)  # padded batches s
 def can_pack(model: torch.nn.Module, max_length: int) -> bool:
     """Whether packed attention computes what the model's own attention does for examples up to max_length.
 
-    A family must pass positions and boundaries through to its attention (loss.decoder_and_head's
+    A family must pass positions and boundaries through to its attention (models.decoder_and_head's
     families do), and a sliding window narrower than an example would need a band mask we do not build.
     """
-    from oloraplus.loss import decoder_and_head  # loss imports this module
-
     if decoder_and_head(model) is None:
         return False
     config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
