@@ -67,8 +67,23 @@ def test_a_budgeted_run_records_its_plan(tiny_model_dir, small_data, tmp_path):
     out = tmp_path / "run"
     rc = main(["train", "--model", str(tiny_model_dir), "--data", str(small_data), "--n_train", "8", "--n_test", "2",
                "--max_new_tokens", "4", "--max_memory_gb", "4", "--output_dir", str(out)])
-    plan = json.loads((out / "metrics.json").read_text())["memory_plan"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    plan = metrics["memory_plan"]
     assert rc == 0 and plan["estimated_peak_gb"] <= 4 and plan["micro_batch_tokens"] >= 512
+    # the measured peaks sit beside the plan: this test process holds torch, so well over 0.1 GiB
+    assert 0.1 < metrics["peak_rss_gb_training"] <= metrics["peak_rss_gb"]
+
+
+def test_peak_rss_follows_what_the_process_holds():
+    import subprocess
+    import sys
+
+    # a fresh process, so no earlier test's peak hides the block
+    code = ("from oloraplus.budget import peak_rss_gb; before = peak_rss_gb(); block = bytearray(512 << 20); "
+            "block[::4096] = b'x' * (len(block) // 4096); print(before, peak_rss_gb())")
+    before, after = map(float, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                              check=True).stdout.split())
+    assert 0.4 < after - before < 0.6  # the 512 MiB block, touched page by page
 
 
 def test_checkpointed_packed_training_gives_the_same_losses(tiny_model_dir, small_data, tmp_path, monkeypatch):

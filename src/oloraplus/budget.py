@@ -13,6 +13,7 @@ rest the Python process, libraries and allocator slack).
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import asdict, dataclass
 
 import torch
@@ -23,6 +24,25 @@ GB = 1 << 30
 PROCESS_OVERHEAD = int(1.1 * GB)  # Python, torch, tokenizer, dataset, allocator slack (measured, see above)
 HIDDEN_VECTORS, INTERMEDIATE_VECTORS = 10.0, 7.5  # saved per token and layer without checkpointing
 MIN_PACK_TOKENS = 256  # below this, packs cost speed (134 vs 176 tokens/s at 256 vs 512 on SmolLM2)
+
+
+def peak_rss_gb() -> float | None:
+    """This process's peak resident memory so far in GiB (what /usr/bin/time reports), None where unknown.
+
+    Linux: VmHWM, which belongs to this program alone; getrusage's ru_maxrss also counts the
+    parent's memory at the fork (a study's run process would report its driver's peak).
+    """
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / (1 << 20)
+    except (OSError, StopIteration):
+        pass
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib / GB if sys.platform == "darwin" else kib / (1 << 20)  # macOS counts bytes
 
 
 @dataclass(frozen=True)

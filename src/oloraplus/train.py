@@ -22,6 +22,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from oloraplus import adapters, plots
 from oloraplus.config import RunConfig
+from oloraplus.budget import peak_rss_gb
 from oloraplus.data import IGNORE_INDEX, PadCollator, tokenize_records
 from oloraplus.errors import OLoRAPlusError
 from oloraplus.evaluate import corpus_loss, evaluate_model, example_losses
@@ -201,6 +202,7 @@ def run_training(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
         prep.model = None  # the trained copy goes before the evaluated one loads: one model in memory at a time
         gc.collect()  # Trainer and its callbacks hold each other: free the model now, not at some later collection
         metrics.update(evaluate_saved_adapter(prep, out))
+    metrics["peak_rss_gb"] = peak_rss_gb()
     atomic_write_json(out / METRICS_FILE, metrics)  # last: marks the run finished
     return metrics
 
@@ -305,6 +307,7 @@ def record_training(prep: PreparedRun, trained: TrainedAdapter, out: Path) -> di
         "precision": "bf16" if prep.bf16 else "fp32",
         "precision_choice": prep.precision_choice,
         "memory_plan": prep.memory.to_dict(),
+        "peak_rss_gb_training": peak_rss_gb(),  # beside the whole run's peak: which phase sets it
         "device": device_name(),  # timings of one study can come from several machines
         "final_train_loss": next((h["loss"] for h in reversed(history) if "loss" in h), None),
     }
