@@ -130,8 +130,8 @@ def _probe(study: Study) -> dict[str, Any]:
 
 def _protocol_item(study: Study) -> str:
     grid = study.grid
-    return say("item_protocol", fixed=study.protocol in ("fixed", "both"), fixed_lrs=study.fixed_lrs,
-               tuned=grid.tuned, tuned_lrs=grid.lrs or [], selection_seeds=grid.selection_seeds, **_probe(study))
+    return say("item_protocol", fixed=study.compares_fixed, fixed_lrs=study.fixed_lrs,
+               tuned=study.compares_tuned, tuned_lrs=grid.lrs or [], selection_seeds=grid.selection_seeds, **_probe(study))
 
 
 def head(study: Study) -> tuple[Block, ...]:
@@ -346,9 +346,9 @@ def build(study: Study, groups: list[Group], summary: list[dict[str, Any]], fixe
           figures: list[Figure], heatmaps: list[Figure]) -> Document:
     """The whole report: what was run, results by group, the verdicts of each protocol, plots, examples, missing runs."""
     sections: list[Section | None] = [summary_section(groups, summary)]
-    if study.protocol != "tuned":
+    if study.compares_fixed:
         sections.append(fixed_section(comparisons, study.baseline, fixed))
-    if study.protocol != "fixed":
+    if study.compares_tuned:
         sections += [selection_section(study, heatmaps), tuned_section(study, choices, tuned)]
     sections += [figures_section(figures), examples_section(groups, study.baseline), unfinished_section(study)]
     return Document(say("title", name=study.path.name), head(study), tuple(s for s in sections if s is not None))

@@ -101,6 +101,16 @@ class Study:
         return self.grid.protocol
 
     @property
+    def compares_fixed(self) -> bool:
+        """Protocol fixed or both: methods are compared with the baseline at the same lr."""
+        return self.protocol != "tuned"
+
+    @property
+    def compares_tuned(self) -> bool:
+        """Protocol tuned or both: each method/lr_ratio at the lr it chose on validation data."""
+        return self.grid.tuned
+
+    @property
     def fixed_lrs(self) -> list[float] | None:
         """The lrs protocol fixed compares at; None = every lr with runs (protocol fixed: the lr axis)."""
         return None if self.protocol == "fixed" else fixed_lrs(self.base, self.grid)
