@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import csv
+import html
 import json
+import random
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +17,8 @@ import yaml
 from oloraplus.config import build_config
 from oloraplus.errors import OLoRAPlusError
 from oloraplus.report import write_report
+from oloraplus.runs import RunFolder
+from oloraplus.stats import paired_bootstrap, paired_bootstrap_bleu
 
 from conftest import SAMPLE_REFS
 
@@ -47,31 +54,31 @@ def _predictions(quality: str, loss: float) -> list[dict]:
     return rows
 
 
-def _write_run(study: Path, base: dict, method: str, lam: float, seed: int, status: str | None,
+def _write_run(study: Path, base: dict, method: str, lr_ratio: float, seed: int, status: str | None,
                quality: str = "bad", loss: float = 2.0, lr: float | None = None) -> Path:
     """One run folder; status None = unfinished (no metrics.json)."""
     lr = lr or base["train"]["lr"]
-    run = study / "runs" / f"{method}_lam{lam:g}_lr{lr:g}_seed{seed}"
-    run.mkdir(parents=True)
+    run = RunFolder.in_study(study, f"{method}_lam{lr_ratio:g}_lr{lr:g}_seed{seed}")
+    run.path.mkdir(parents=True)
     cfg = json.loads(json.dumps(base))
-    cfg["adapter"].update(method=method, lr_ratio=lam)
+    cfg["adapter"].update(method=method, lr_ratio=lr_ratio)
     cfg["train"].update(seed=seed, lr=lr)
-    cfg["output_dir"] = str(run)
-    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    cfg["output_dir"] = str(run.path)
+    run.config.write_text(yaml.safe_dump(cfg))
     steps = list(range(2, 11, 2))
     history = [{"loss": loss + 1.5 - 0.2 * i, "grad_norm": 1.0, "learning_rate": lr, "epoch": s / 10, "step": s}
                for i, s in enumerate(steps)]
     if status == "diverged":
         history[-1]["loss"] = float("nan")
     history.append({"train_runtime": 12.0, "step": steps[-1]})
-    (run / "history.json").write_text(json.dumps(history))
-    (run / "dynamics.jsonl").write_text("".join(
-        json.dumps({"step": s, "dA": 0.01 * s, "dB": 0.02 * s * lam, "drift": None if s == 2 else 0.001 * s}) + "\n"
+    run.history.write_text(json.dumps(history))
+    run.dynamics.write_text("".join(
+        json.dumps({"step": s, "dA": 0.01 * s, "dB": 0.02 * s * lr_ratio, "drift": None if s == 2 else 0.001 * s}) + "\n"
         for s in steps))
     if status is None:
-        return run
+        return run.path
     metrics = {
-        "method": method, "init": "olora", "lr_ratio": lam, "lr": lr, "seed": seed, "status": status,
+        "method": method, "init": "olora", "lr_ratio": lr_ratio, "lr": lr, "seed": seed, "status": status,
         "n_train": 40, "n_val": 0, "n_test": 8, "train_steps": 10, "train_seconds": 12.0 + seed,
         "train_tokens": 4000, "train_tokens_per_s": 4000 / (12.0 + seed), "precision": "fp32",
         "final_train_loss": history[-2]["loss"],
@@ -87,9 +94,9 @@ def _write_run(study: Path, base: dict, method: str, lam: float, seed: int, stat
             **{k: sum(r[k] for r in rows) / len(rows) for k in ("rouge1", "rouge2", "rougeL")},
             eval_loss_seconds=1.0, generation_seconds=2.0, generated_tokens=80, generation_tokens_per_s=40.0,
         )
-        (run / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (run / "metrics.json").write_text(json.dumps(metrics))
-    return run
+        run.predictions.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run.metrics.write_text(json.dumps(metrics))
+    return run.path
 
 
 def _make_study(root: Path) -> Path:
@@ -169,13 +176,15 @@ def test_markdown_shows_verdicts_divergence_and_missing_runs(built):
     study = built[0]
     md = (study / "report.md").read_text()
     assert "## Against the baseline (olora, same learning rate)" in md
-    assert "better**" in md and "not distinguishable" in md
+    verdicts = next(line for line in md.splitlines() if line.startswith("| fixed | olora+ | 1/4 |"))
+    assert "better**" in verdicts  # the bold verdict is the lower eval loss of λ=1/4 (good answers, loss 1.5)
+    assert "not distinguishable" in next(line for line in md.splitlines() if line.startswith("| fixed | olora+ | 4 |"))
     assert "1 of 2 diverged at step 40" in md
     assert "1 run(s) have no results yet" in md and "olora+_lam4_lr0.0002_seed1" in md
     assert "tiny-test-model" in md and "synthetic.json" in md and "n_test 8" in md
     assert "never used to choose anything" in md
     assert "(n=1)" in md  # a group with one finished seed has no interval
-    assert "![" in md and "plots/metrics_vs_lambda_lr0.0002.png" in md
+    assert "](plots/metrics_vs_lambda_lr0.0002.png)" in md
     assert "## Example predictions" in md and "the cat sat on the mat" in md
 
 
@@ -221,6 +230,10 @@ def test_user_errors_name_the_path(tmp_path: Path):
     (empty / "runs" / "olora_lam1_lr0.0002_seed0").mkdir(parents=True)
     with pytest.raises(OLoRAPlusError, match="no finished runs"):
         write_report(empty)
+    # the grid is read by the study's own code: what it would refuse to run, the report refuses to read
+    (empty / "study.yaml").write_text(yaml.safe_dump({"base": _base_config(), "grid": {"methods": ["olora"], "lambdas": [4]}}))
+    with pytest.raises(OLoRAPlusError, match=r"study\.yaml.*unknown grid option.*lambdas"):
+        write_report(empty)
 
 
 def test_nan_in_metrics_json_becomes_null_in_results_json(built):
@@ -230,3 +243,169 @@ def test_nan_in_metrics_json_becomes_null_in_results_json(built):
     assert "NaN" not in text
     run = next(r for r in json.loads(text)["runs"] if r["run_id"] == "olora+_lam4_lr0.0002_seed0")
     assert run["val_loss"] is None
+
+
+# --- pairing and token weighting ----------------------------------------------------------------------------------
+#
+# Runs whose predictions.jsonl rows come in a different order each, with a different number of answer tokens per
+# example (and per run), one example missing from one run and one with no answer token left in another. Pairing by
+# row order, or a table or difference weighted the wrong way, changes the numbers below.
+
+PAIR_LOSS = [0.6, 2.9, 1.4, 3.3, 0.9, 2.2, 1.7, 2.6]  # baseline loss per example: widely spread
+PAIR_GAIN = [0.05, 0.6, -0.3, 0.45, 0.0, 0.35, -0.15, 0.25]  # baseline − olora+ per example: uneven
+
+
+def _pair_rows(method: str, seed: int) -> list[dict]:
+    """One run's prediction rows, in a shuffled order, with per-example and per-run token counts."""
+    from oloraplus.evaluate import bleu_statistics, rouge_per_example
+
+    plus = method == "olora+"
+    preds = [f"{' '.join(ref.split()[: 3 + (k + seed + plus) % 5])} answer {idx}"
+             for k, (idx, ref) in enumerate(zip(INDICES, REFS))]
+    rouge, bleu = rouge_per_example(preds, REFS), bleu_statistics(preds, REFS)
+    rows = []
+    for k, idx in enumerate(INDICES):
+        loss = PAIR_LOSS[k] - (PAIR_GAIN[k] if plus else 0.0) + 0.03 * seed
+        n = 4 + (7 * k + 5 * seed + 3 * plus) % 23  # answer tokens: differ by example and by run
+        if plus and seed == 0 and idx == 3:  # truncation left no answer token: no loss, still scored by ROUGE/BLEU
+            loss, n = None, 0
+        rows.append({"index": idx, "instruction": f"Say sentence {idx}.", "input": "", "reference": REFS[k],
+                     "prediction": preds[k], "loss": loss, "loss_sum": loss * n if n else None, "n_tokens": n,
+                     **rouge[k], "bleu_stats": bleu[k]})
+    if not plus and seed == 1:
+        rows = [r for r in rows if r["index"] != 60]  # an example this run never scored
+    random.Random(f"{method}{seed}").shuffle(rows)
+    return rows
+
+
+def _token_weighted(rows: list[dict]) -> float:
+    return sum(r["loss_sum"] for r in rows if r["n_tokens"]) / sum(r["n_tokens"] for r in rows)
+
+
+@pytest.fixture(scope="module")
+def paired(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[tuple[str, int], list[dict]]]:
+    """olora and olora+ λ=4, seeds 0 and 1, with the rows above; the report written once."""
+    from oloraplus.evaluate import bleu_from_statistics
+
+    root = tmp_path_factory.mktemp("paired") / "study"
+    base = _base_config()
+    grid = {"methods": ["olora", "olora+"], "lr_ratios": [4.0], "seeds": [0, 1]}
+    root.mkdir(parents=True)
+    (root / "study.yaml").write_text(yaml.safe_dump({"base": base, "grid": grid}, sort_keys=False))
+    written = {}
+    for method, lr_ratio in (("olora", 1.0), ("olora+", 4.0)):
+        for seed in (0, 1):
+            run = RunFolder(_write_run(root, base, method, lr_ratio, seed, "finished"))
+            rows = written[(method, seed)] = _pair_rows(method, seed)
+            metrics = json.loads(run.metrics.read_text())
+            metrics.update(eval_loss=_token_weighted(rows), bleu=bleu_from_statistics([r["bleu_stats"] for r in rows]),
+                           **{k: sum(r[k] for r in rows) / len(rows) for k in ("rouge1", "rouge2", "rougeL")})
+            run.metrics.write_text(json.dumps(metrics))
+            run.predictions.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_report(root, n_resamples=RESAMPLES)
+    return root, written
+
+
+def _by_index(rows: list[dict]) -> dict[int, dict]:
+    return {r["index"]: r for r in rows}
+
+
+def _expected(written: dict, key: str, higher_is_better: bool):
+    """The paired bootstrap on columns assembled by example index, over the examples every run has a value for."""
+    runs = {k: _by_index(rows) for k, rows in written.items()}
+    shared = sorted(set.intersection(*({i for i, r in rows.items() if r[key] is not None} for rows in runs.values())))
+    x = [[runs[("olora+", s)][i][key] for i in shared] for s in (0, 1)]
+    b = [[runs[("olora", s)][i][key] for i in shared] for s in (0, 1)]
+    if key == "bleu_stats":
+        return shared, paired_bootstrap_bleu(x, b, RESAMPLES, 0)
+    return shared, paired_bootstrap(x, b, higher_is_better, RESAMPLES, 0)
+
+
+def test_comparison_pairs_examples_by_index_whatever_the_row_order(paired):
+    root, written = paired
+    assert [r["index"] for r in written[("olora", 0)]] != [r["index"] for r in written[("olora+", 0)]]  # shuffled
+    comparison = json.loads((root / "results.json").read_text())["comparisons"][0]
+    assert comparison["seeds"] == comparison["baseline_seeds"] == [0, 1] and comparison["paired_by_seed"]
+    for key, example_key, higher in (("eval_loss", "loss", False), ("bleu", "bleu_stats", True),
+                                     ("rouge1", "rouge1", True), ("rougeL", "rougeL", True)):
+        shared, want = _expected(written, example_key, higher)
+        got = comparison["metrics"][key]
+        assert got["n_examples"] == len(shared), key
+        assert (got["diff"], got["low"], got["high"]) == pytest.approx((want.diff, want.low, want.high), rel=1e-12), key
+        assert got["verdict"] == want.verdict
+    # index 60 (missing from one run) is in no comparison; index 3 (no answer token in one run) only has no loss
+    assert comparison["metrics"]["eval_loss"]["n_examples"] == 6 and comparison["metrics"]["rouge1"]["n_examples"] == 7
+
+
+def test_eval_loss_difference_is_over_per_example_means_not_tokens(paired):
+    """What the report says: the Δ eval loss averages per-example mean losses; token counts do not weight it."""
+    root, written = paired
+    runs = {k: _by_index(rows) for k, rows in written.items()}
+    shared = [11, 17, 24, 30, 41, 52]
+    per_example = [sum(runs[("olora+", s)][i]["loss"] - runs[("olora", s)][i]["loss"] for s in (0, 1)) / 2 for i in shared]
+    weighted = [sum(runs[(m, s)][i]["loss_sum"] for s in (0, 1) for i in shared)
+                / sum(runs[(m, s)][i]["n_tokens"] for s in (0, 1) for i in shared) for m in ("olora+", "olora")]
+    diff = json.loads((root / "results.json").read_text())["comparisons"][0]["metrics"]["eval_loss"]["diff"]
+    assert abs((weighted[0] - weighted[1]) - sum(per_example) / len(shared)) > 0.01  # the two readings differ here
+    assert diff == pytest.approx(sum(per_example) / len(shared), rel=1e-12)
+
+
+def test_table_eval_loss_is_the_token_weighted_loss_of_each_run(paired):
+    """The table averages metrics.json's eval loss (token-weighted per run), not a plain mean of per-example losses."""
+    root, written = paired
+    table = {t["method"]: t for t in json.loads((root / "results.json").read_text())["table"]}
+    for method in ("olora", "olora+"):
+        weighted = [_token_weighted(written[(method, s)]) for s in (0, 1)]
+        plain = [sum(r["loss"] for r in written[(method, s)] if r["loss"] is not None)
+                 / sum(r["loss"] is not None for r in written[(method, s)]) for s in (0, 1)]
+        assert abs(sum(weighted) - sum(plain)) > 0.01  # the fixture tells the two apart
+        assert table[method]["eval_loss"]["mean"] == pytest.approx(sum(weighted) / 2, rel=1e-12)
+
+
+def test_example_answers_are_those_of_the_example_shown(paired):
+    root = paired[0]
+    md = (root / "report.md").read_text()
+    shown = re.findall(r"^### Test example (\d+)$", md, flags=re.M)
+    assert len(shown) == 3
+    for part, idx in zip(md.split("### Test example ")[1:], shown):
+        answers = [line for line in part.splitlines() if line.startswith("| olora")]
+        assert len(answers) == 2 and all(line.endswith(f" answer {idx} |") for line in answers), part
+
+
+# --- the package's shape --------------------------------------------------------------------------------------------
+
+
+def test_markdown_and_html_say_the_same_words(paired):
+    """Both are rendered from one document: every heading, paragraph, caption and cell appears in both."""
+    from oloraplus.report.compare import group_runs
+    from oloraplus.report.document import BulletList, Heading, Paragraph, Table, examples_section, head
+    from oloraplus.report.load import load_study
+
+    root = paired[0]
+    md, page = (root / "report.md").read_text(), html.unescape((root / "report.html").read_text())
+    study = load_study(root)
+    blocks = [*head(study), *examples_section(group_runs(study), study.baseline).flat()]
+    texts = [b.text for b in blocks if isinstance(b, (Heading, Paragraph))]
+    texts += [item for b in blocks if isinstance(b, BulletList) for item in b.items]
+    texts += [c.text for b in blocks if isinstance(b, Table) for row in b.rows for c in row if "\n" not in c.text]
+    assert len(texts) > 20
+    for text in texts:
+        assert text in md and text in page, text
+    captions = re.findall(r"<figcaption>(.*?)</figcaption>", page)
+    assert len(captions) == 3 and all(f"*{c}*" in md for c in captions)
+
+
+def test_run_folder_knows_every_file_of_a_committed_run():
+    """RunFolder names what the runs of a committed study hold (adapters are not committed)."""
+    runs = Path(__file__).resolve().parents[1] / "docs" / "results" / "paper-cpu" / "runs"
+    folder = RunFolder(sorted(p for p in runs.iterdir() if p.is_dir())[0])
+    known = {p.name for p in (folder.config, folder.history, folder.dynamics, folder.train_loss_plot,
+                              folder.predictions, folder.metrics, folder.adapter)}
+    assert {p.name for p in folder.path.iterdir()} <= known
+    assert folder.ended and folder.read_metrics()["status"] == "finished"
+
+
+def test_importing_the_report_does_not_import_torch():
+    code = "import sys, oloraplus.report; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -6,7 +6,13 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
+
+
+def _shared(tmp: str) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are meant to be shared
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -15,9 +21,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are meant to be shared
+        _shared(tmp)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -37,14 +41,37 @@ def atomic_write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-METRICS_FILE = "metrics.json"
+def atomic_write_with(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """`write` fills a temp file (by name: e.g. matplotlib's savefig), then fsync and rename over `path`.
 
-
-def is_finished(run_dir: str | os.PathLike) -> bool:
-    """A run folder with metrics.json (written last, atomically) is finished; any other is redone."""
-    return (Path(run_dir) / METRICS_FILE).is_file()
+    The temp file keeps `path`'s extension, so a writer that infers the format from the name still can.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
+    os.close(fd)
+    try:
+        _shared(tmp)
+        write(Path(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def __getattr__(name: str) -> Any:
+    """METRICS_FILE and is_finished moved to runs.py (the run-folder layout); still importable from here."""
+    if name in ("METRICS_FILE", "is_finished"):
+        from oloraplus import runs
+
+        return getattr(runs, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -40,9 +40,9 @@ import yaml
 
 from oloraplus.config import METHODS, RunConfig, build_config, coerce, field_types, list_item_type
 from oloraplus.errors import OLoRAPlusError
-from oloraplus.fsutil import METRICS_FILE, atomic_write_json, atomic_write_text, is_finished
+from oloraplus.fsutil import atomic_write_json, atomic_write_text
+from oloraplus.runs import RUNS_DIR, STUDY_FILE, RunFolder, is_finished
 
-RUNS_DIR = "runs"
 CLAIMS_DIR = ".claims"
 WORKER_LOGS_DIR = "workers"
 WAIT_POLL_S = 5.0
@@ -317,7 +317,7 @@ def spec_config(base: RunConfig, spec: RunSpec, study_dir: Path) -> RunConfig:
 
 
 def _check_same_config(run_dir: Path, cfg: RunConfig) -> None:
-    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    saved = yaml.safe_load(RunFolder(run_dir).config.read_text())
     if saved != yaml.safe_load(cfg.to_yaml()):
         raise OLoRAPlusError(
             f"{run_dir} was made with a different configuration; use a new study folder or remove that run"
@@ -496,7 +496,7 @@ def run_study(study_dir: str | Path, base: RunConfig, grid: GridConfig) -> list[
     PreparedRun(configs[0])  # validates data, split, model and targets before anything is written
     study_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(
-        study_dir / "study.yaml",
+        study_dir / STUDY_FILE,
         yaml.safe_dump({"base": base.to_dict(), "grid": dataclasses.asdict(grid)}, sort_keys=False),
     )
     selection = run_selection(study_dir, base, grid, selection_specs(grid)) if grid.tuned else None
@@ -575,7 +575,7 @@ def _read_metrics(study_dir: Path, specs: list[RunSpec]) -> list[dict[str, Any] 
     """metrics.json of each spec's run folder (None where the run has not finished)."""
     out = []
     for spec in specs:
-        path = study_dir / RUNS_DIR / spec.run_id / METRICS_FILE
+        path = RunFolder.in_study(study_dir, spec.run_id).metrics
         out.append(json.loads(path.read_text()) if path.is_file() else None)
     return out
 
