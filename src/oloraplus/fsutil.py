@@ -66,12 +66,3 @@ def atomic_write_with(path: str | os.PathLike, write: Callable[[Path], None]) ->
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
-
-
-def __getattr__(name: str) -> Any:
-    """METRICS_FILE and is_finished moved to runs.py (the run-folder layout); still importable from here."""
-    if name in ("METRICS_FILE", "is_finished"):
-        from oloraplus import runs
-
-        return getattr(runs, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

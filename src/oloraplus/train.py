@@ -26,13 +26,14 @@ from oloraplus.budget import peak_rss_gb
 from oloraplus.data import IGNORE_INDEX, PadCollator, tokenize_records
 from oloraplus.errors import OLoRAPlusError
 from oloraplus.evaluate import corpus_loss, evaluate_model, example_losses
-from oloraplus.fsutil import METRICS_FILE, atomic_write_json, atomic_write_jsonl, atomic_write_text, is_finished
+from oloraplus.fsutil import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from oloraplus.loss import batch_token_losses
 from oloraplus.models import load_base
 from oloraplus.optim import loraplus_param_groups
 from oloraplus.packing import PackCollator, can_pack, is_packed, split_packed, use_packed_attention
 from oloraplus.precision import keep_freed_memory_mapped
 from oloraplus.prepare import PreparedRun
+from oloraplus.runs import METRICS_FILE, is_finished
 
 
 
