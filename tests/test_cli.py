@@ -168,7 +168,7 @@ def _compare_parser():
 
 
 def test_compare_has_a_flag_with_help_and_default_for_every_grid_field():
-    from oloraplus.study import GridConfig
+    from oloraplus.grid import GridConfig
 
     helps = {a.dest: a.help or "" for a in _compare_parser()._actions}
     for f in dataclasses.fields(GridConfig):
@@ -192,7 +192,7 @@ def test_compare_has_a_flag_with_help_and_default_for_every_grid_field():
 ])
 def test_compare_flags_parse_into_the_grid(flags, expected, monkeypatch, tmp_path):
     from oloraplus import study
-    from oloraplus.study import GridConfig
+    from oloraplus.grid import GridConfig
 
     seen = {}
     monkeypatch.setattr(study, "run_study_parallel", lambda d, base, grid, workers: seen.update(grid=grid) or [])

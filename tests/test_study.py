@@ -14,7 +14,7 @@ import torch
 from oloraplus.cli import main
 from oloraplus.config import build_config
 from oloraplus.errors import OLoRAPlusError
-from oloraplus.study import build_grid, expand_grid
+from oloraplus.grid import build_grid, expand_grid
 from oloraplus.train import DivergenceCallback
 
 

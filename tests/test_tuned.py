@@ -15,7 +15,7 @@ from oloraplus.config import build_config
 from oloraplus.data import split_indices
 from oloraplus.errors import OLoRAPlusError
 from oloraplus.report import write_report
-from oloraplus.study import (
+from oloraplus.grid import (
     SELECTION_FILE,
     build_grid,
     check_protocol,
@@ -23,9 +23,9 @@ from oloraplus.study import (
     final_specs,
     full_steps,
     probe_steps,
-    run_selection,
     selection_specs,
 )
+from oloraplus.study import run_selection
 
 N_TRAIN, N_TEST, VAL_FRACTION, SPLIT_SEED = 20, 4, 0.2, 42
 LRS = (1e-4, 2e-2)

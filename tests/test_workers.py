@@ -13,7 +13,8 @@ from pathlib import Path
 from oloraplus import study as study_mod
 from oloraplus.cli import main
 from oloraplus.config import build_config
-from oloraplus.study import RunSpec, claim_run
+from oloraplus.grid import RunSpec, spec_config
+from oloraplus.study import claim_run
 
 HOLDER = textwrap.dedent(
     """
@@ -54,7 +55,7 @@ def test_a_claim_excludes_other_processes_and_dies_with_its_holder(tmp_path):
 def test_a_worker_skips_runs_held_elsewhere_and_waits_for_them(tmp_path, monkeypatch):
     base = build_config({}, {"data": "x.json"})
     specs = [RunSpec("olora", 1.0, 2e-4, 0), RunSpec("olora+", 4.0, 2e-4, 0), RunSpec("olora+", 16.0, 2e-4, 0)]
-    configs = [study_mod.spec_config(base, s, tmp_path) for s in specs]
+    configs = [spec_config(base, s, tmp_path) for s in specs]
     trained = []
 
     def fake_run_training(cfg, overwrite):

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 from oloraplus.config import SECTIONS, flat_fields
 from oloraplus.errors import OLoRAPlusError
-from oloraplus.study import GRID_OPTIONS, grid_list_item_type
+from oloraplus.grid import GRID_OPTIONS, grid_list_item_type
 
 PRESETS = ("quick", "paper-cpu", "paper-cpu-tuned", "paper")
 
@@ -130,7 +130,8 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
 
 def cmd_compare(ns: argparse.Namespace) -> int:
     from oloraplus.config import build_config
-    from oloraplus.study import build_grid, format_table, run_study_parallel
+    from oloraplus.grid import build_grid
+    from oloraplus.study import format_table, run_study_parallel
 
     data = _study_file_data(ns)
     grid_data = data.pop("grid", {}) or {}

@@ -10,7 +10,7 @@ One way through, one module per step:
     results.py   results.csv and results.json
 
 Unfinished runs are counted and listed, diverged runs are counted and shown:
-nothing is dropped silently. A study has up to two protocols (see study.py):
+nothing is dropped silently. A study has up to two protocols (see grid.py):
 `fixed` compares every method with the baseline at the same learning rate;
 `tuned` compares each method/lr_ratio at the lr it chose on validation data with
 the baseline at ITS chosen lr. Every verdict row names its protocol. Selection

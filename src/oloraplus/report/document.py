@@ -25,7 +25,7 @@ from oloraplus.report.compare import (
 from oloraplus.report.load import Study
 from oloraplus.report.wording import columns, say
 from oloraplus.stats import BootstrapResult, format_mean_ci
-from oloraplus.study import full_steps, probe_steps
+from oloraplus.grid import full_steps, probe_steps
 
 N_EXAMPLES = 3
 NONE = "—"  # an empty cell: nothing to show

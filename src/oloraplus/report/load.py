@@ -18,7 +18,7 @@ import yaml
 from oloraplus.config import RunConfig, build_config
 from oloraplus.errors import OLoRAPlusError
 from oloraplus.runs import RUNS_DIR, STUDY_FILE, RunFolder, run_folders
-from oloraplus.study import (
+from oloraplus.grid import (
     GridConfig,
     build_grid,
     fixed_lrs,
