@@ -1,0 +1,82 @@
+"""Greedy decoding at several batch sizes: this checkout's decoder against the one of an earlier revision.
+
+Why: the answers are most of a run's evaluation time on a CPU, and how many rows a decode
+step carries decides what it costs per token. The earlier decoder (by default the revision
+before the running batch was refilled) drops finished rows but never refills, so its
+batches empty out; ours refills them. Same model (SmolLM2-135M, fp32), same prompts, one
+process; prints tokens/s per side and batch size, and how many answers equal the earlier
+decoder's at batch 32.
+
+    python benchmarks/bench_decode_batch.py --n 64 --batch_sizes 16,32,64 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))  # run from a checkout without installing
+
+from oloraplus import generation  # noqa: E402
+from oloraplus.data import load_records, split_indices  # noqa: E402
+from oloraplus.models import load_base  # noqa: E402
+
+DEFAULT_DATA = os.environ.get("OLORAPLUS_DATA") or str(REPO.parent / "shared" / "data" / "alpaca" / "alpaca_sample.json")
+
+
+def decoder_of(rev: str):
+    """generation.py as it was at `rev`, imported as its own module."""
+    source = subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:src/oloraplus/generation.py"],
+                            capture_output=True, text=True, check=True).stdout
+    path = Path(tempfile.mkdtemp()) / "generation_before.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("generation_before", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=64, help="test prompts (the first N of our test split) [64]")
+    p.add_argument("--max_new_tokens", type=int, default=128)
+    p.add_argument("--batch_sizes", default="16,32,64", help="our batch sizes [16,32,64]")
+    p.add_argument("--before_rev", default="742440f", help="revision of the earlier decoder [742440f]")
+    p.add_argument("--before_batch_size", type=int, default=32)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--data", default=DEFAULT_DATA)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    print(f"{cpu}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}")
+    records = load_records(args.data)
+    test = [records[i] for i in split_indices(len(records), 0, args.n, 0.0, 42, args.data).test]
+    model, tok = load_base("smollm2-135m")
+    before = decoder_of(args.before_rev)
+    generation.generate_answers(model, tok, test[:2], 4, 2)  # warm-up
+    sides = [("before", before, args.before_batch_size)]
+    sides += [("ours", generation, int(b)) for b in args.batch_sizes.split(",")]
+    reference = None
+    for name, module, batch in sides:
+        t0 = time.perf_counter()
+        answers, tokens = module.generate_answers(model, tok, test, args.max_new_tokens, batch)
+        seconds = time.perf_counter() - t0
+        reference = reference or answers
+        same = sum(a == b for a, b in zip(answers, reference))
+        print(f"{name:<7} batch {batch:>3}: {seconds:7.1f} s  {tokens:6d} tokens  {tokens / seconds:6.1f} tokens/s  "
+              f"answers equal to before's: {same}/{len(answers)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
