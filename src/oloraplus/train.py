@@ -28,7 +28,7 @@ from oloraplus.evaluate import corpus_loss, evaluate_model, example_losses
 from oloraplus.fsutil import METRICS_FILE, atomic_write_json, atomic_write_jsonl, atomic_write_text, is_finished
 from oloraplus.loss import batch_token_losses
 from oloraplus.models import load_base
-from oloraplus.optim import loraplus_param_groups
+from oloraplus.optim import loraplus_optimizer
 from oloraplus.packing import PackCollator, can_pack, is_packed, split_packed, use_packed_attention
 from oloraplus.precision import keep_freed_memory_mapped
 from oloraplus.prepare import PreparedRun
@@ -59,14 +59,11 @@ class OLoRAPlusTrainer(Trainer):
         super().__init__(*args, **kwargs)
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        """The public loraplus_optimizer, as a stock Trainer user gets it; this trainer's own decay rule."""
         if self.optimizer is None:
             opt_model = self.model if model is None else model
             decay = set(self.get_decay_parameter_names(opt_model))
-            groups = loraplus_param_groups(
-                opt_model, self.args.learning_rate, self.lr_ratio, self.args.weight_decay, decay
-            )
-            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
-            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+            self.optimizer = loraplus_optimizer(opt_model, self.args, self.lr_ratio, decay)
         return self.optimizer
 
     def training_step(self, model, inputs, num_items_in_batch=None):
