@@ -193,7 +193,8 @@ def run_training(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
     if trained.divergence.diverged_step is not None:
         metrics.update(status="diverged", diverged_step=trained.divergence.diverged_step)
     else:
-        adapters.save_adapter(trained.trainer.model, out / "adapter", cfg.adapter.init, trained.initial)
+        initial = None if cfg.adapter.init == "gaussian" else trained.initial  # gaussian leaves the base as it was
+        adapters.save_adapter(trained.trainer.model, out / "adapter", initial)
         del trained
         prep.model = None  # the trained copy goes before the evaluated one loads: one model in memory at a time
         gc.collect()  # Trainer and its callbacks hold each other: free the model now, not at some later collection
