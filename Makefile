@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 DATA ?= ../shared/data/alpaca/alpaca_sample.json
 export OLORAPLUS_DATA ?= $(abspath $(DATA))
 
-.PHONY: env demo test clean
+.PHONY: env demo test wheel-check clean
 
 env: $(VENV)/.installed
 
@@ -24,6 +24,10 @@ demo: env
 
 test: env
 	$(BIN)/pytest -q
+
+# CI, after the tests: build the wheel, install it into a fresh venv, run it (the script says what it proves, what not)
+wheel-check: env
+	VENV=$(VENV) PY=$(PY) bash scripts/check_wheel.sh
 
 clean:
 	rm -rf $(VENV) studies runs

@@ -139,13 +139,6 @@ def test_help_explains_every_option():
             assert f"[default: {f.default}]" in helps[flag], flag
 
 
-def test_tensorboard_logging_through_trainer(tiny_model_dir, small_data, tmp_path):
-    out = tmp_path / "tb"
-    args = _train_args(tiny_model_dir, small_data, out, "--max_steps", "2", "--report_to", "tensorboard", "--generate", "false")
-    assert main(args) == 0
-    assert list(out.glob("runs/**/events.out.tfevents.*"))
-
-
 def test_evaluate_uses_the_precision_the_run_recorded(tiny_model_dir, small_data, tmp_path, capsys):
     from oloraplus.precision import bf16_supported
 

@@ -89,6 +89,44 @@ def apply_olora(model: nn.Module) -> None:
             base.weight.data = (base.weight.float() - scale * (b @ a)).to(base.weight.dtype)
 
 
+# PEFT inits that leave the base weights as they were: OLoRA's W - s·B·A is only right from an untouched W
+_BASE_KEEPING_INITS = (True, False, "gaussian")
+
+
+def olora_init(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Give a PEFT LoRA model OLoRA's start, by a thin QR; returns (A₀, B₀) per layer for `save_adapter`.
+
+    For a model from `peft.get_peft_model(model, LoraConfig(...))` with PEFT's default
+    init: each adapted W gets B = the first r columns of Q and A = the first r rows of
+    R from W = QR, and W becomes W - (alpha/r)·B·A, so the model's outputs are unchanged.
+    The same factors as PEFT's `init_lora_weights="olora"` (whose full QR costs far more
+    on large layers). OLoRA changes the base weights, so keep the returned copies: with
+    them `save_adapter` writes an adapter that applies to the ORIGINAL base model.
+
+    Refuses what it would get wrong: a config whose own init already changed W (olora,
+    pissa, ...), DoRA (its magnitudes are computed from the old W), and base layers
+    that are not plain float nn.Linear (quantized, GPT-2's Conv1D, embeddings).
+    """
+    config = getattr(model, "peft_config", {}).get(ADAPTER)
+    if config is not None:
+        if config.init_lora_weights not in _BASE_KEEPING_INITS:
+            raise OLoRAPlusError(
+                f"the LoRA config's init_lora_weights={config.init_lora_weights!r} already changed the base weights; "
+                "create the adapter with the default init (init_lora_weights=True) and let olora_init set it"
+            )
+        if getattr(config, "use_dora", False):
+            raise OLoRAPlusError("olora_init does not support DoRA (its magnitudes depend on the base weights it changes)")
+    layers = lora_layers(model)
+    if not layers:
+        raise OLoRAPlusError(f"no LoRA layers with adapter '{ADAPTER}' in the model: wrap it with peft.get_peft_model first")
+    for name, layer in layers:
+        base = layer.get_base_layer()
+        if not isinstance(base, nn.Linear) or not base.weight.dtype.is_floating_point:
+            raise OLoRAPlusError(f"olora_init needs plain float nn.Linear base layers; '{name}' is {type(base).__name__}")
+    apply_olora(model)
+    return adapter_snapshot(model)
+
+
 def attach_adapter(
     model: PreTrainedModel,
     init: str,
@@ -128,8 +166,14 @@ def merge_saved_adapter(base: PreTrainedModel, adapter_dir: str | Path) -> PreTr
     return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
 
 
-def save_adapter(model: PeftModel, out_dir: str | Path, init: str, initial: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+def save_adapter(
+    model: PeftModel, out_dir: str | Path, initial: dict[str, tuple[torch.Tensor, torch.Tensor]] | None
+) -> None:
     """Save in PEFT format so it applies to the ORIGINAL base model.
+
+    `initial`: the (A₀, B₀) that `olora_init` returned (or `adapter_snapshot` taken right
+    after an init that changed the base); None where the base was left as it was
+    (PEFT's default gaussian init), which is a plain `save_pretrained`.
 
     OLoRA and PiSSA subtract s·B₀A₀ from the base weights. On the original base the
     fine-tuned delta is s·(BA − B₀A₀) = s·[B, −B₀]·[A; A₀]: a rank-2r LoRA with the
@@ -138,7 +182,7 @@ def save_adapter(model: PeftModel, out_dir: str | Path, init: str, initial: dict
     """
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
-    if init == "gaussian":  # B₀ = 0: the base is untouched, nothing to convert
+    if initial is None:  # the base is untouched, nothing to convert
         return
     weights_file = out_dir / "adapter_model.safetensors"
     state = load_file(weights_file)

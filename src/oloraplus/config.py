@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from oloraplus.errors import OLoRAPlusError
+from oloraplus.tracking import check_report_to
 
 # method name -> (init, uses LoRA+ learning-rate ratio)
 METHODS: dict[str, tuple[str, bool]] = {
@@ -132,7 +133,12 @@ class TrainConfig:
         "and a run that cannot fit stops before it starts (0 = no budget)",
         default=0.0,
     )
-    report_to: str = _help("Trainer loggers: none | tensorboard", default="none")
+    report_to: str = _help(
+        "experiment trackers, as transformers' TrainingArguments takes them: none, all, or names joined by commas "
+        "(tensorboard, mlflow, wandb, trackio, ...; the tracker's package must be installed); they get the training "
+        "loss, the final test loss, BLEU and ROUGE, and method and lr_ratio as params",
+        default="none",
+    )
 
 
 @dataclass(frozen=True)
@@ -318,8 +324,7 @@ def validate(cfg: RunConfig) -> None:
         raise OLoRAPlusError(f"warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
     if t.weight_decay < 0:
         raise OLoRAPlusError(f"weight_decay must be >= 0, got {t.weight_decay}")
-    if t.report_to not in ("none", "tensorboard"):
-        raise OLoRAPlusError(f"report_to must be none or tensorboard, got '{t.report_to}'")
+    check_report_to(t.report_to)  # known names; whether each is installed is checked when a run trains
     if d.n_train <= 0 or d.n_test <= 0:
         raise OLoRAPlusError(f"n_train and n_test must be > 0, got {d.n_train} and {d.n_test}")
     if not 0 <= d.val_fraction < 1:

@@ -7,13 +7,18 @@ reason; here they keep the base lr.
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+if TYPE_CHECKING:
+    from transformers import TrainingArguments
+
 
 def param_role(name: str) -> str:
+    """lora_A, lora_B or other, from a parameter's name (any adapter name, any wrapper prefix)."""
     if ".lora_A." in name or name.endswith(".lora_A"):
         return "lora_A"
     if ".lora_B." in name or name.endswith(".lora_B"):
@@ -28,7 +33,11 @@ def loraplus_param_groups(
     weight_decay: float,
     decay_names: set[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Up to six groups (role x decay); each group records its role for tests and logs.
+    """LoRA+ parameter groups for any torch optimizer: up to six (role x decay), each recording its role.
+
+    Use this with an optimizer you build yourself (`torch.optim.AdamW(groups, lr=lr)`);
+    with a transformers Trainer, `loraplus_optimizer` builds the groups and the optimizer
+    `args` asks for.
 
     `decay_names`: parameters that get weight decay (default: every matrix,
     i.e. everything that is not a bias or a 1-D norm weight).
@@ -51,3 +60,43 @@ def loraplus_param_groups(
             }
         )
     return groups
+
+
+def loraplus_optimizer(
+    model: nn.Module,
+    args: TrainingArguments,
+    lr_ratio: float,
+    decay_names: set[str] | None = None,
+) -> torch.optim.Optimizer:
+    """The optimizer a transformers Trainer would build from `args`, with LoRA+ groups: B at lr_ratio x A's lr.
+
+    Pass it to a stock Trainer (or TRL's SFTTrainer, a Trainer subclass that forwards it)
+    as `Trainer(model=model, args=args, optimizers=(loraplus_optimizer(model, args, 4.0), None))`:
+    the Trainer then builds its usual warmup/decay schedule over it, and a schedule scales
+    every group by the same factor, so the ratio holds at every step. The optimizer class and
+    its settings (AdamW, betas, eps, fused, `optim_args`) come from `args` through Trainer's own
+    lookup, and weight decay follows Trainer's rule (none on biases and norms), so the only
+    difference from what `args` alone gives is the learning rate of each lora_B.
+    OLoRAPlusTrainer.create_optimizer calls this too: the CLI trains on the same path.
+
+    Build it after the adapter is attached (and initialized) and before training; FSDP refuses
+    `optimizers=`, so there subclass Trainer and return this from `create_optimizer`.
+    """
+    from transformers import Trainer
+
+    from oloraplus.errors import OLoRAPlusError
+
+    if not (isinstance(lr_ratio, (int, float)) and math.isfinite(lr_ratio) and lr_ratio > 0):
+        raise OLoRAPlusError(f"lr_ratio must be a finite number > 0, got {lr_ratio!r}")
+    if decay_names is None:  # Trainer's own rule; the method reads nothing from the instance
+        decay_names = set(Trainer.get_decay_parameter_names(None, model))
+    optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    factory = not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.Optimizer))  # Muon, Dion
+    if factory or {"params", "model", "optimizer_dict"} & kwargs.keys():  # GaLore, LOMO, layer-wise
+        raise OLoRAPlusError(
+            f"optim '{args.optim}' builds its own parameter groups, so LoRA+ cannot set B's learning rate; use an AdamW variant"
+        )
+    groups = loraplus_param_groups(model, args.learning_rate, lr_ratio, args.weight_decay, decay_names)
+    if not any(g["role"] == "lora_B" for g in groups):
+        raise OLoRAPlusError("the model has no trainable lora_B parameters: attach a LoRA adapter first")
+    return optimizer_cls(groups, **kwargs)

@@ -13,28 +13,27 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
-from oloraplus import adapters, plots
-from oloraplus.config import RunConfig
+from oloraplus import adapters, plots, tracking
 from oloraplus.budget import peak_rss_gb
+from oloraplus.config import RunConfig
 from oloraplus.data import IGNORE_INDEX, PadCollator, tokenize_records
 from oloraplus.errors import OLoRAPlusError
 from oloraplus.evaluate import corpus_loss, evaluate_model, example_losses
 from oloraplus.fsutil import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from oloraplus.loss import batch_token_losses
 from oloraplus.models import load_base
-from oloraplus.optim import loraplus_param_groups
+from oloraplus.optim import loraplus_optimizer
 from oloraplus.packing import PackCollator, can_pack, is_packed, split_packed, use_packed_attention
 from oloraplus.precision import keep_freed_memory_mapped
 from oloraplus.prepare import PreparedRun
 from oloraplus.runs import METRICS_FILE, is_finished
-
 
 
 def labelled_tokens(batch: dict) -> torch.Tensor:
@@ -61,14 +60,11 @@ class OLoRAPlusTrainer(Trainer):
         super().__init__(*args, **kwargs)
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        """The public loraplus_optimizer, as a stock Trainer user gets it; this trainer's own decay rule."""
         if self.optimizer is None:
             opt_model = self.model if model is None else model
             decay = set(self.get_decay_parameter_names(opt_model))
-            groups = loraplus_param_groups(
-                opt_model, self.args.learning_rate, self.lr_ratio, self.args.weight_decay, decay
-            )
-            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
-            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+            self.optimizer = loraplus_optimizer(opt_model, self.args, self.lr_ratio, decay)
         return self.optimizer
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -171,6 +167,18 @@ def device_name() -> str:
 
 
 @dataclass
+class RunArguments(TrainingArguments):
+    """TrainingArguments plus the run's method and λ.
+
+    Every tracker logs the training arguments as the run's params (MLflow params, W&B config,
+    TensorBoard's args text), so a run is found by method and λ there without extra calls.
+    """
+
+    method: str = field(default="", metadata={"help": "adapter method (lora, olora+, ...)"})
+    lr_ratio: float = field(default=1.0, metadata={"help": "LoRA+ lambda: lora_B learns at lr_ratio x lr"})
+
+
+@dataclass
 class TrainedAdapter:
     """What training leaves for the steps after it."""
 
@@ -178,6 +186,7 @@ class TrainedAdapter:
     initial: dict[str, tuple[torch.Tensor, torch.Tensor]]  # (A₀, B₀) per layer: dynamics and conversion on save
     dynamics: DynamicsCallback
     divergence: DivergenceCallback
+    trackers: tracking.TrackerRun  # closed by run_training once the final scores are logged
     n_examples: int
     n_dropped: int
     seconds: float
@@ -190,22 +199,29 @@ def run_training(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
     if is_finished(out) and not overwrite:
         raise OLoRAPlusError(f"{out} already holds a finished run ({METRICS_FILE}); pick another output_dir or pass --overwrite")
     prep = PreparedRun(cfg)  # everything validated and loaded: a bad input fails here, before any file is written
+    tracking.check_report_to(cfg.train.report_to, installed=True)
     start_run_folder(out, cfg)
     trained = train_adapter(prep, out)
-    if not trained.trainer.is_world_process_zero():  # evaluation and saving happen once, on rank 0
-        return {"status": "worker", "train_tokens": int(trained.trainer.state.num_input_tokens_seen)}
-    metrics = record_training(prep, trained, out)
-    if trained.divergence.diverged_step is not None:
-        metrics.update(status="diverged", diverged_step=trained.divergence.diverged_step)
-    else:
-        adapters.save_adapter(trained.trainer.model, out / "adapter", cfg.adapter.init, trained.initial)
-        del trained
-        prep.model = None  # the trained copy goes before the evaluated one loads: one model in memory at a time
-        gc.collect()  # Trainer and its callbacks hold each other: free the model now, not at some later collection
-        metrics.update(evaluate_saved_adapter(prep, out))
-    metrics["peak_rss_gb"] = peak_rss_gb()
-    atomic_write_json(out / METRICS_FILE, metrics)  # last: marks the run finished
-    return metrics
+    trackers, metrics = trained.trackers, None
+    try:
+        if not trained.trainer.is_world_process_zero():  # evaluation and saving happen once, on rank 0
+            return {"status": "worker", "train_tokens": int(trained.trainer.state.num_input_tokens_seen)}
+        metrics = record_training(prep, trained, out)
+        if trained.divergence.diverged_step is not None:
+            metrics.update(status="diverged", diverged_step=trained.divergence.diverged_step)
+        else:
+            initial = None if cfg.adapter.init == "gaussian" else trained.initial  # gaussian leaves the base as it was
+            adapters.save_adapter(trained.trainer.model, out / "adapter", initial)
+            del trained
+            prep.model = None  # the trained copy goes before the evaluated one loads: one model in memory at a time
+            gc.collect()  # Trainer and its callbacks hold each other: free the model now, not at some later collection
+            metrics.update(evaluate_saved_adapter(prep, out))
+        metrics["peak_rss_gb"] = peak_rss_gb()
+        atomic_write_json(out / METRICS_FILE, metrics)  # last: marks the run finished
+        return metrics
+    finally:  # the trackers get the final scores (if any) and close, also when evaluation failed
+        a = cfg.adapter
+        trackers.finish(metrics, {"method": a.method, "lr_ratio": a.resolved_lr_ratio, "lr": cfg.train.lr, "seed": cfg.train.seed})
 
 
 def start_run_folder(out: Path, cfg: RunConfig) -> None:
@@ -218,9 +234,12 @@ def start_run_folder(out: Path, cfg: RunConfig) -> None:
     atomic_write_text(out / "config.yaml", cfg.to_yaml())
 
 
-def training_arguments(cfg: RunConfig, prep: PreparedRun, out: Path) -> TrainingArguments:
+def training_arguments(cfg: RunConfig, prep: PreparedRun, out: Path) -> RunArguments:
     t = cfg.train
-    return TrainingArguments(
+    return RunArguments(
+        method=cfg.adapter.method,
+        lr_ratio=cfg.adapter.resolved_lr_ratio,
+        run_name=out.name,  # a study's run id: the trackers' name for the run
         output_dir=str(out),  # Trainer writes nothing here but TensorBoard logs (runs/), with saving off
         per_device_train_batch_size=t.batch_size,
         gradient_accumulation_steps=t.grad_accum,
@@ -235,7 +254,7 @@ def training_arguments(cfg: RunConfig, prep: PreparedRun, out: Path) -> Training
         gradient_checkpointing=prep.memory.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},  # the frozen embeddings give no grad to re-enter with
         save_strategy="no",
-        report_to=[] if t.report_to == "none" else [t.report_to],
+        report_to=tracking.report_to_value(t.report_to),
         bf16=prep.bf16,
         use_cpu=not torch.cuda.is_available(),
         seed=t.seed,
@@ -277,9 +296,15 @@ def train_adapter(prep: PreparedRun, out: Path) -> TrainedAdapter:
         lr_ratio=a.resolved_lr_ratio,
         micro_batch_tokens=prep.memory.micro_batch_tokens,
     )
+    trackers = tracking.TrackerRun(trainer)  # their runs stay open for the final scores, logged after evaluation
     t0 = time.perf_counter()
-    trainer.train()
-    return TrainedAdapter(trainer, initial, dynamics, divergence, len(examples), dropped, time.perf_counter() - t0)
+    try:
+        trainer.train()
+    except BaseException:
+        trackers.finish()
+        raise
+    seconds = time.perf_counter() - t0
+    return TrainedAdapter(trainer, initial, dynamics, divergence, trackers, len(examples), dropped, seconds)
 
 
 def record_training(prep: PreparedRun, trained: TrainedAdapter, out: Path) -> dict[str, Any]:
