@@ -1,4 +1,4 @@
-"""`oloraplus train | evaluate | compare | report`.
+"""`oloraplus train | evaluate | compare | report | chat`.
 
 Every run option is a flag built from the config dataclasses (so --help lists them
 all with their meaning); a YAML file (--config) or a preset gives the starting
@@ -166,6 +166,13 @@ def cmd_report(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chat(ns: argparse.Namespace) -> int:
+    from oloraplus.chat import run_chat
+
+    run_chat(ns.run_dir, ns.model, ns.prompt, ns.max_new_tokens, ns.temperature, ns.top_p)
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -204,6 +211,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write report.md/html, results.csv/json and plots for a study folder")
     p.add_argument("study_dir", help="a folder made by `compare`")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("chat", help="talk to a run's model (base + adapter, the run's prompt format), tokens streamed")
+    p.add_argument("run_dir", nargs="?", help="a run folder from `train` (or --model NAME for a base model)")
+    p.add_argument("--model", help="chat with a base model instead: alias, hub id, folder or .gguf")
+    p.add_argument("--prompt", help="answer this once and exit (a prompt piped on stdin does the same)")
+    p.add_argument("--max_new_tokens", default="256", help="longest answer in tokens [default: 256]")
+    p.add_argument("--temperature", default="0", help="0 = greedy; > 0 samples [default: 0]")
+    p.add_argument("--top_p", default="1", help="nucleus sampling mass when sampling [default: 1]")
+    p.set_defaults(func=cmd_chat)
+
     return parser
 
 
