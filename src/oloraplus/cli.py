@@ -1,4 +1,4 @@
-"""`oloraplus train | evaluate | compare | report | chat`.
+"""`oloraplus train | evaluate | compare | report | chat | export`.
 
 Every run option is a flag built from the config dataclasses (so --help lists them
 all with their meaning); a YAML file (--config) or a preset gives the starting
@@ -173,6 +173,14 @@ def cmd_chat(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(ns: argparse.Namespace) -> int:
+    from oloraplus.export import export_run
+
+    for path in export_run(ns.run_dir, ns.merged, ns.gguf, ns.gguf_type, ns.overwrite):
+        print(path)
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -221,6 +229,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top_p", default="1", help="nucleus sampling mass when sampling [default: 1]")
     p.set_defaults(func=cmd_chat)
 
+    p = sub.add_parser("export", help="a run's base + adapter as a plain transformers folder and/or a GGUF file")
+    p.add_argument("run_dir", help="a run folder from `train`")
+    p.add_argument("--merged", help="write a plain transformers folder here (no PEFT needed to load it)")
+    p.add_argument("--gguf", help="write a GGUF file here (llama.cpp: llama-cli -m FILE -cnv)")
+    p.add_argument("--gguf_type", default="f16", help="f32 | f16 | bf16 | q8_0 | q4_1 | q4_0 [default: f16]")
+    p.add_argument("--overwrite", action="store_true", help="replace existing targets (written aside, then swapped in)")
+    p.set_defaults(func=cmd_export)
     return parser
 
 
