@@ -10,9 +10,10 @@ The model is the run's ORIGINAL base with its adapter merged into the weights (`
   `llama-server -m FILE`), which transformers also reads back (`from_pretrained(dir, gguf_file=name)`).
   Types: f32, f16, bf16, q8_0, q4_1, q4_0. As llama.cpp's converter does, norms stay f32 and a weight whose
   rows do not split into whole quantization blocks is written f16; in the 4-bit types the token embedding
-  and the output head are q8_0 (llama-quantize also keeps those two finer). Measured on the test model
-  (tests/test_export.py), largest logit difference from the merged model, relative to the largest logit:
-  f32 0, f16 and bf16 below 1e-2, q8_0 below 3e-2, q4_x below 0.3; docs/export.md has SmolLM2-135M's.
+  and the output head are q8_0 (llama-quantize also keeps those two finer). Largest |logit difference| from
+  the merged model, measured on the tiny test model (logits up to ~0.8; tests/test_export.py holds each to
+  the tolerance in brackets): f32 0 [1e-5], f16 8e-4 [3e-3], bf16 1.8e-2 [5e-2], q8_0 7.7e-3 [3e-2],
+  q4_1 0.18 [0.3], q4_0 0.13 [0.3]. On SmolLM2-135M (logits up to 44): f16 0.04, q8_0 1.1, q4_1 18 (README).
 
 The GGUF writer is the `gguf` package (llama.cpp's own gguf-py, maintained with llama.cpp, already a
 dependency: transformers reads GGUF with it): GGUFWriter for the file, gguf.quants for the quantized blocks,
@@ -52,7 +53,7 @@ from transformers.utils import logging as hf_logging
 
 from oloraplus.errors import OLoRAPlusError
 from oloraplus.models import resolve_model_source
-from oloraplus.prepare import checked_run, load_tuned
+from oloraplus.prepare import load_tuned
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_1", "q4_0")
 GGUF_FAMILIES = ("llama",)
@@ -331,6 +332,7 @@ def export_run(
     """`oloraplus export`: check every input, load base + adapter, then write each target; returns what was written."""
     if not merged and not gguf_file:
         raise OLoRAPlusError("nothing to export: give --merged DIR and/or --gguf FILE")
+    gguf_type = gguf_type.lower()
     if gguf_type not in GGUF_TYPES:
         raise OLoRAPlusError(f"unknown GGUF type '{gguf_type}' (known: {', '.join(GGUF_TYPES)})")
     targets = [(Path(p), folder) for p, folder in ((merged, True), (gguf_file, False)) if p]
@@ -338,8 +340,7 @@ def export_run(
         raise OLoRAPlusError("--merged and --gguf name the same path")
     for target, folder in targets:
         _check_target(target, overwrite, folder)
-    _, cfg = checked_run(run_dir)
-    model, tokenizer, cfg = load_tuned(run_dir)
+    model, tokenizer, cfg = load_tuned(run_dir)  # checks the run folder before loading anything
     plan = None
     if gguf_file:
         source = resolve_model_source(cfg.model.name)
