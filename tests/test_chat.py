@@ -155,3 +155,15 @@ def test_bad_input_one_line_exit_2(args, message, tiny_run, tmp_path, capsys, mo
         message.format(**names) in captured.err and len(captured.err.strip().splitlines()) == 1
     ), captured.err
     assert captured.out == ""
+
+
+def test_a_long_conversation_leaves_out_its_oldest_exchanges(tiny_model_dir):
+    model, tok = load_base(str(tiny_model_dir))
+    chat = chat_module.Chat(model, tok, max_new_tokens=8)
+    chat.messages = [{"role": role, "content": f"{role} message {i}"} for i in range(6) for role in ("user", "assistant")]
+    full = chat.prompt_ids("last question")
+    chat.prompt_budget = len(full) - 1  # one token too long: the oldest exchange goes, the rest stays
+    shorter = tok.decode(chat.prompt_ids("last question"))
+    assert "message 0" not in shorter and "user message 1" in shorter and "last question" in shorter
+    chat.prompt_budget = 5  # not even the question fits: its last tokens
+    assert chat.prompt_ids("last question") == conversation_ids(tok, [{"role": "user", "content": "last question"}])[-5:]

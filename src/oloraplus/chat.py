@@ -64,7 +64,7 @@ def load_chat_model(run_dir: str | None, model_name: str | None) -> tuple[PreTra
 
 
 class Chat:
-    """A conversation with one model: `reply` streams an answer to `out` and keeps the exchange."""
+    """A conversation with one model: `reply` streams an answer to stdout and keeps the exchange."""
 
     def __init__(
         self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_new_tokens: int = 256,
