@@ -93,3 +93,18 @@ def small_data(tmp_path) -> Path:
     path = tmp_path / "small.json"
     path.write_text(json.dumps(_records()[:60]), encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_model_dir, tmp_path_factory) -> Path:
+    """A finished run of `oloraplus train` on the tiny model, trained hard enough (lr 1e-2) that its adapter moves
+    the logits by a large margin (chat and export tests check that they see the adapter)."""
+    from oloraplus.cli import main
+
+    data = tmp_path_factory.mktemp("run-data") / "records.json"
+    data.write_text(json.dumps(_records()[:60]), encoding="utf-8")
+    out = tmp_path_factory.mktemp("tiny-run") / "run"
+    args = ["train", "--model", str(tiny_model_dir), "--data", str(data), "--n_train", "16", "--n_test", "4",
+            "--batch_size", "4", "--max_steps", "3", "--lr", "1e-2", "--generate", "false", "--output_dir", str(out)]
+    assert main(args) == 0
+    return out

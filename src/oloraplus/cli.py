@@ -1,4 +1,4 @@
-"""`oloraplus train | evaluate | compare | report`.
+"""`oloraplus train | evaluate | compare | report | chat | export`.
 
 Every run option is a flag built from the config dataclasses (so --help lists them
 all with their meaning); a YAML file (--config) or a preset gives the starting
@@ -167,6 +167,21 @@ def cmd_report(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chat(ns: argparse.Namespace) -> int:
+    from oloraplus.chat import run_chat
+
+    run_chat(ns.run_dir, ns.model, ns.prompt, ns.max_new_tokens, ns.temperature, ns.top_p)
+    return 0
+
+
+def cmd_export(ns: argparse.Namespace) -> int:
+    from oloraplus.export import export_run
+
+    for path in export_run(ns.run_dir, ns.merged, ns.gguf, ns.gguf_type, ns.overwrite):
+        print(path)
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -205,6 +220,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write report.md/html, results.csv/json and plots for a study folder")
     p.add_argument("study_dir", help="a folder made by `compare`")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("chat", help="talk to a run's model (base + adapter, the run's prompt format), tokens streamed")
+    p.add_argument("run_dir", nargs="?", help="a run folder from `train` (or --model NAME for a base model)")
+    p.add_argument("--model", help="chat with a base model instead: alias, hub id, folder or .gguf")
+    p.add_argument("--prompt", help="answer this once and exit (a prompt piped on stdin does the same)")
+    p.add_argument("--max_new_tokens", default="256", help="longest answer in tokens [default: 256]")
+    p.add_argument("--temperature", default="0", help="0 = greedy; > 0 samples [default: 0]")
+    p.add_argument("--top_p", default="1", help="nucleus sampling mass when sampling [default: 1]")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("export", help="a run's base + adapter as a plain transformers folder and/or a GGUF file")
+    p.add_argument("run_dir", help="a run folder from `train`")
+    p.add_argument("--merged", help="write a plain transformers folder here (no PEFT needed to load it)")
+    p.add_argument("--gguf", help="write a GGUF file here (llama.cpp: llama-cli -m FILE -cnv)")
+    p.add_argument("--gguf_type", default="f16", help="f32 | f16 | bf16 | q8_0 | q4_1 | q4_0 [default: f16]")
+    p.add_argument("--overwrite", action="store_true", help="replace existing targets (written aside, then swapped in)")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

@@ -170,7 +170,35 @@ def prompt_text(tokenizer: PreTrainedTokenizerBase, rec: dict[str, str]) -> str:
 
 
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, rec: dict[str, str]) -> list[int]:
-    text = prompt_text(tokenizer, rec)
+    return text_prompt_ids(tokenizer, prompt_text(tokenizer, rec))
+
+
+def conversation_text(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> str:
+    """A multi-turn prompt ({role: user|assistant, content} messages, the last one the user's) in the run's format.
+
+    With a chat template: the template over all messages. Without one, the Alpaca prompt grown turn by turn:
+    the preamble once, then per exchange "### Instruction:\n{user}\n\n### Response:\n{answer}", exchanges
+    separated by a blank line, ending on the open "### Response:\n". One user message gives exactly
+    `prompt_text` of a record with that instruction and no input, the prompt the run was trained on.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    preamble, turn = ALPACA_PROMPT_NO_INPUT.split("### Instruction:")
+    parts = []
+    for m in messages:
+        if m["role"] == "user":
+            parts.append("### Instruction:" + turn.format(instruction=m["content"]))
+        elif m["role"] == "assistant":
+            parts[-1] += m["content"] + "\n\n"
+    return preamble + "".join(parts)
+
+
+def conversation_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> list[int]:
+    return text_prompt_ids(tokenizer, conversation_text(tokenizer, messages))
+
+
+def text_prompt_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """A prompt's token ids: as the template wrote it, or with the BOS (never an EOS) the tokenizer adds."""
     if getattr(tokenizer, "chat_template", None):  # the template already holds its special tokens
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     ids = tokenizer(text)["input_ids"]  # BOS where the model expects one

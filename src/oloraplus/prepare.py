@@ -2,15 +2,21 @@
 
 Records and split, base model and tokenizer, adapter targets, precision and memory
 plan: what train.py trains on, what evaluate.py evaluates a saved adapter with, and
-what study.py checks once before a grid starts. A bad input fails here, early.
+what study.py checks once before a grid starts; and a finished run's base model with
+its adapter merged, for chat.py and export.py. A bad input fails here, early.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
 from oloraplus import adapters
 from oloraplus.budget import plan_memory
-from oloraplus.config import RunConfig
+from oloraplus.config import RunConfig, load_config
 from oloraplus.data import Split, load_records, split_indices
+from oloraplus.errors import OLoRAPlusError
 from oloraplus.loss import LOGITS_CHUNK_BYTES
 from oloraplus.models import load_base
 from oloraplus.precision import resolve_precision
@@ -34,3 +40,23 @@ class PreparedRun:
             self.model, t.max_memory_gb, t.micro_batch_tokens, d.max_length, t.batch_size, e.eval_batch_size,
             e.max_new_tokens, LOGITS_CHUNK_BYTES,
         )
+
+
+def checked_run(run_dir: str | Path) -> tuple[Path, RunConfig]:
+    """A run folder's saved adapter and its config (config.yaml), checked before anything is loaded or written."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise OLoRAPlusError(f"run folder not found: {run}")
+    if not (run / "config.yaml").is_file():
+        raise OLoRAPlusError(f"{run} is not a run folder (no config.yaml)")
+    adapter = run / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        raise OLoRAPlusError(f"{run} has no saved adapter (adapter/adapter_config.json)")
+    return adapter, load_config(run / "config.yaml")
+
+
+def load_tuned(run_dir: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, RunConfig]:
+    """The run's ORIGINAL base model (from its config.yaml) with its adapter merged: what `evaluate RUN` loads."""
+    adapter, cfg = checked_run(run_dir)
+    model, tokenizer = load_base(cfg.model.name, cfg.model.cache_dir)
+    return adapters.merge_saved_adapter(model, adapter), tokenizer, cfg
