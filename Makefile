@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 DATA ?= ../shared/data/alpaca/alpaca_sample.json
 export OLORAPLUS_DATA ?= $(abspath $(DATA))
 
-.PHONY: env demo test wheel-check clean
+.PHONY: env demo test lint wheel-check clean
 
 env: $(VENV)/.installed
 
@@ -21,6 +21,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 demo: env
 	$(BIN)/oloraplus compare --preset quick --study_dir studies/quick
+
+lint: env  # ruff: the lint rules and the format in pyproject.toml; CI fails on either
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 test: env
 	$(BIN)/pytest -q

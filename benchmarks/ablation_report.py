@@ -20,7 +20,11 @@ sys.path.insert(0, str(REPO / "src"))  # run from a checkout without installing
 from oloraplus.stats import mean_ci, paired_bootstrap, paired_bootstrap_bleu  # noqa: E402
 
 PIPELINES = ("grouped-dropout", "random-dropout", "random-nodropout")
-PAIRS = (("grouped-dropout", "random-dropout"), ("random-dropout", "random-nodropout"), ("grouped-dropout", "random-nodropout"))
+PAIRS = (
+    ("grouped-dropout", "random-dropout"),
+    ("random-dropout", "random-nodropout"),
+    ("grouped-dropout", "random-nodropout"),
+)
 ROUGE = ("rouge1", "rouge2", "rougeL")
 
 
@@ -46,9 +50,11 @@ def main(root: Path) -> None:
     for name, runs in studies.items():
         for seed, r in sorted(runs.items()):
             m = r["metrics"]
-            print(f"  {name:<17} seed {seed}: loss {token_loss(r['preds']):.4f}  BLEU {m['bleu']:.2f}  "
-                  f"ROUGE-1/2/L {m['rouge1']*100:.1f}/{m['rouge2']*100:.1f}/{m['rougeL']*100:.1f}  "
-                  f"train {m['train_seconds']:.0f} s at {m['train_tokens_per_s']:.1f} tok/s ({m.get('device', '?')})")
+            print(
+                f"  {name:<17} seed {seed}: loss {token_loss(r['preds']):.4f}  BLEU {m['bleu']:.2f}  "
+                f"ROUGE-1/2/L {m['rouge1'] * 100:.1f}/{m['rouge2'] * 100:.1f}/{m['rougeL'] * 100:.1f}  "
+                f"train {m['train_seconds']:.0f} s at {m['train_tokens_per_s']:.1f} tok/s ({m.get('device', '?')})"
+            )
     for a, b in PAIRS:
         seeds = sorted(set(studies[a]) & set(studies[b]))
         if not seeds:
@@ -63,18 +69,27 @@ def main(root: Path) -> None:
         tokens = [[p["n_tokens"] for p in x] for x in ra]
         scale = len(ra[0]) / sum(tokens[0])
         boot = {
-            "test loss": paired_bootstrap([[p["loss_sum"] * scale for p in y] for y in rb],
-                                          [[p["loss_sum"] * scale for p in x] for x in ra], higher_is_better=False),
-            "BLEU": paired_bootstrap_bleu([[p["bleu_stats"] for p in y] for y in rb], [[p["bleu_stats"] for p in x] for x in ra]),
+            "test loss": paired_bootstrap(
+                [[p["loss_sum"] * scale for p in y] for y in rb],
+                [[p["loss_sum"] * scale for p in x] for x in ra],
+                higher_is_better=False,
+            ),
+            "BLEU": paired_bootstrap_bleu(
+                [[p["bleu_stats"] for p in y] for y in rb], [[p["bleu_stats"] for p in x] for x in ra]
+            ),
         }
         for k in ROUGE:
-            boot[k] = paired_bootstrap([[100 * p[k] for p in y] for y in rb], [[100 * p[k] for p in x] for x in ra], True)
+            boot[k] = paired_bootstrap(
+                [[100 * p[k] for p in y] for y in rb], [[100 * p[k] for p in x] for x in ra], True
+            )
         for metric, diffs in per_seed.items():
             ci = mean_ci(diffs)
             seed_level = f"{ci.mean:+.4f} [{ci.low:+.4f}, {ci.high:+.4f}]" if ci.n > 1 else f"{ci.mean:+.4f} (n=1)"
             bt = boot[metric]
-            print(f"  {metric:<9} per seed {', '.join(f'{d:+.4f}' for d in diffs)} | seed level {seed_level} | "
-                  f"examples {bt.diff:+.4f} [{bt.low:+.4f}, {bt.high:+.4f}] {bt.verdict}")
+            print(
+                f"  {metric:<9} per seed {', '.join(f'{d:+.4f}' for d in diffs)} | seed level {seed_level} | "
+                f"examples {bt.diff:+.4f} [{bt.low:+.4f}, {bt.high:+.4f}] {bt.verdict}"
+            )
 
 
 if __name__ == "__main__":

@@ -37,7 +37,15 @@ def main() -> int:
     p.add_argument("--output_dir", required=True)
     args = p.parse_args()
     # the same recipe as our protocol run: r 16, alpha 16, dropout 0.05, lr 2e-4, lambda 4, one epoch
-    args.rank, args.alpha, args.dropout, args.lr, args.lr_ratio, args.max_length, args.seed = 16, 16.0, 0.05, 2e-4, 4.0, 512, 0
+    args.rank, args.alpha, args.dropout, args.lr, args.lr_ratio, args.max_length, args.seed = (
+        16,
+        16.0,
+        0.05,
+        2e-4,
+        4.0,
+        512,
+        0,
+    )
     args.max_steps = math.ceil(args.n_train / args.batch_size)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -55,9 +63,14 @@ def main() -> int:
     gen_seconds = time.perf_counter() - t0
     scores = score_texts(answers, [r["output"] for r in test])
     metrics = {
-        "train_seconds": train_seconds, "train_tokens": collator.real, "train_tokens_per_s": collator.real / train_seconds,
-        "eval_loss": loss, "eval_loss_seconds": loss_seconds, "generation_seconds": gen_seconds,
-        "generated_tokens": generated, "generation_tokens_per_s": generated / gen_seconds,
+        "train_seconds": train_seconds,
+        "train_tokens": collator.real,
+        "train_tokens_per_s": collator.real / train_seconds,
+        "eval_loss": loss,
+        "eval_loss_seconds": loss_seconds,
+        "generation_seconds": gen_seconds,
+        "generated_tokens": generated,
+        "generation_tokens_per_s": generated / gen_seconds,
         **{k: scores[k] for k in ("bleu", "rouge1", "rouge2", "rougeL")},
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

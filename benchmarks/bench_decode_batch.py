@@ -30,13 +30,19 @@ from oloraplus import generation  # noqa: E402
 from oloraplus.data import load_records, split_indices  # noqa: E402
 from oloraplus.models import load_base  # noqa: E402
 
-DEFAULT_DATA = os.environ.get("OLORAPLUS_DATA") or str(REPO.parent / "shared" / "data" / "alpaca" / "alpaca_sample.json")
+DEFAULT_DATA = os.environ.get("OLORAPLUS_DATA") or str(
+    REPO.parent / "shared" / "data" / "alpaca" / "alpaca_sample.json"
+)
 
 
 def decoder_of(rev: str):
     """generation.py as it was at `rev`, imported as its own module."""
-    source = subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:src/oloraplus/generation.py"],
-                            capture_output=True, text=True, check=True).stdout
+    source = subprocess.run(
+        ["git", "-C", str(REPO), "show", f"{rev}:src/oloraplus/generation.py"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     path = Path(tempfile.mkdtemp()) / "generation_before.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("generation_before", path)
@@ -73,8 +79,11 @@ def main(argv: list[str] | None = None) -> int:
         seconds = time.perf_counter() - t0
         reference = reference or answers
         same = sum(a == b for a, b in zip(answers, reference))
-        print(f"{name:<7} batch {batch:>3}: {seconds:7.1f} s  {tokens:6d} tokens  {tokens / seconds:6.1f} tokens/s  "
-              f"answers equal to before's: {same}/{len(answers)}", flush=True)
+        print(
+            f"{name:<7} batch {batch:>3}: {seconds:7.1f} s  {tokens:6d} tokens  {tokens / seconds:6.1f} tokens/s  "
+            f"answers equal to before's: {same}/{len(answers)}",
+            flush=True,
+        )
     return 0
 
 

@@ -39,11 +39,13 @@ sys.path.insert(0, str(REPO / "src"))  # run from a checkout without installing
 from oloraplus import adapters  # noqa: E402
 from oloraplus.data import load_records, prompt_ids, split_indices  # noqa: E402
 from oloraplus.evaluate import corpus_loss, example_losses  # noqa: E402
-from oloraplus.scoring import score_texts  # noqa: E402
 from oloraplus.generation import generate_answers  # noqa: E402
 from oloraplus.models import load_base  # noqa: E402
+from oloraplus.scoring import score_texts  # noqa: E402
 
-DEFAULT_DATA = os.environ.get("OLORAPLUS_DATA") or str(REPO.parent / "shared" / "data" / "alpaca" / "alpaca_sample.json")
+DEFAULT_DATA = os.environ.get("OLORAPLUS_DATA") or str(
+    REPO.parent / "shared" / "data" / "alpaca" / "alpaca_sample.json"
+)
 
 
 @torch.no_grad()
@@ -66,8 +68,9 @@ def before_answers(model, tokenizer, records, max_new_tokens: int, batch_size: i
 
     prompts = [prompt_ids(tokenizer, r) for r in records]
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
-                              pad_token_id=pad, eos_token_id=eos)
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True, pad_token_id=pad, eos_token_id=eos
+    )
     answers, generated = [""] * len(records), 0
     for idx in length_sorted_batches([len(p) for p in prompts], batch_size):
         width = max(len(prompts[i]) for i in idx)
@@ -94,7 +97,9 @@ def plain_losses(model, tokenizer, records, max_length: int, batch_size: int) ->
         batch = PadCollator(tokenizer.pad_token_id)(examples[start : start + batch_size])
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
         targets = batch["labels"][:, 1:]
-        loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
+        loss = torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
+        )
         for row, t in zip(loss, targets):
             out.append((float(row.sum()), int((t != IGNORE_INDEX).sum())))
     return out
@@ -115,7 +120,7 @@ def baseline_answers(peft_model, tokenizer, records, max_new_tokens: int) -> tup
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=eos,
         )
-        row = out[0, ids.shape[1]:].tolist()
+        row = out[0, ids.shape[1] :].tolist()
         if eos in row:
             row = row[: row.index(eos) + 1]
         generated += len(row)
@@ -145,15 +150,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--data", default=DEFAULT_DATA, help="Alpaca JSON [$OLORAPLUS_DATA or ../shared/data/alpaca/...]")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default) [0]")
-    p.add_argument("--order", default="ours,before,baseline", help="which runs first; drop one to skip it "
-                   "(the baseline takes hours at the protocol's size) [ours,before,baseline]")
+    p.add_argument(
+        "--order",
+        default="ours,before,baseline",
+        help="which runs first; drop one to skip it "
+        "(the baseline takes hours at the protocol's size) [ours,before,baseline]",
+    )
     p.add_argument("--json", help="also write the figures (and both answer lists) to this JSON file")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}, "
-          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}, "
+        f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+    )
     records = load_records(args.data)
     test = [records[i] for i in split_indices(len(records), 0, args.n, 0.0, 42, args.data).test]
     model, tok = load_base(args.model)
@@ -166,8 +177,10 @@ def main(argv: list[str] | None = None) -> int:
         changed = float((original(input_ids=ids).logits - peft_model(input_ids=ids).logits).abs().max())
         merge_err = float((merged(input_ids=ids).logits - peft_model(input_ids=ids).logits).abs().max())
     del original
-    print(f"adapter effect: max |logits(adapted) - logits(base)| = {changed:.3f}; "
-          f"merged vs unmerged max |dlogits| = {merge_err:.2e}")
+    print(
+        f"adapter effect: max |logits(adapted) - logits(base)| = {changed:.3f}; "
+        f"merged vs unmerged max |dlogits| = {merge_err:.2e}"
+    )
 
     # test loss, ours (packed, chunked head) against the plain way, on the same merged model
     t0 = time.perf_counter()
@@ -177,8 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     plain = plain_losses(merged, tok, test, 512, args.batch_size)
     t_plain = time.perf_counter() - t0
     loss_ours, loss_plain = corpus_loss(ours_losses), corpus_loss(plain)
-    print(f"test loss (token-weighted): ours {loss_ours:.6f} in {t_ours:.1f} s, plain padded full-logits "
-          f"{loss_plain:.6f} in {t_plain:.1f} s; relative difference {abs(loss_ours - loss_plain) / loss_plain:.1e}")
+    print(
+        f"test loss (token-weighted): ours {loss_ours:.6f} in {t_ours:.1f} s, plain padded full-logits "
+        f"{loss_plain:.6f} in {t_plain:.1f} s; relative difference {abs(loss_ours - loss_plain) / loss_plain:.1e}"
+    )
 
     # warm-up: one short generation each, so neither side pays first-call set-up in its timing
     generate_answers(merged, tok, test[:1], 2, 1)
@@ -195,16 +210,26 @@ def main(argv: list[str] | None = None) -> int:
         else:
             answers, generated = baseline_answers(peft_model, tok, test, args.max_new_tokens)
         timed[kind] = {"seconds": time.perf_counter() - t0, "generated_tokens": generated, "answers": answers}
-        print(f"{kind:<9} {timed[kind]['seconds']:8.1f} s  {generated:6d} tokens  "
-              f"{generated / timed[kind]['seconds']:6.1f} tokens/s", flush=True)
+        print(
+            f"{kind:<9} {timed[kind]['seconds']:8.1f} s  {generated:6d} tokens  "
+            f"{generated / timed[kind]['seconds']:6.1f} tokens/s",
+            flush=True,
+        )
 
     refs = [r["output"] for r in test]
     o = timed["ours"]
     so = score_texts(o["answers"], refs)
-    print(f"\n{args.n} prompts, max_new_tokens {args.max_new_tokens}, our batch {args.batch_size}, "
-          f"r={args.rank}, alpha={args.alpha:g}, fp32; ROUGE-L ours {so['rougeL']:.4f}, BLEU ours {so['bleu']:.2f}")
-    summary = {"args": vars(args), "adapter_logit_change": changed, "merge_logit_error": merge_err, "ours": o,
-               "test_loss": {"ours": loss_ours, "plain": loss_plain, "ours_seconds": t_ours, "plain_seconds": t_plain}}
+    print(
+        f"\n{args.n} prompts, max_new_tokens {args.max_new_tokens}, our batch {args.batch_size}, "
+        f"r={args.rank}, alpha={args.alpha:g}, fp32; ROUGE-L ours {so['rougeL']:.4f}, BLEU ours {so['bleu']:.2f}"
+    )
+    summary = {
+        "args": vars(args),
+        "adapter_logit_change": changed,
+        "merge_logit_error": merge_err,
+        "ours": o,
+        "test_loss": {"ours": loss_ours, "plain": loss_plain, "ours_seconds": t_ours, "plain_seconds": t_plain},
+    }
     for kind in ("before", "baseline"):
         if kind not in timed:
             continue
@@ -213,14 +238,24 @@ def main(argv: list[str] | None = None) -> int:
         prefixes = [common_prefix(x, y) / max(len(y), 1) for x, y, s in zip(o["answers"], b["answers"], same) if not s]
         sb = score_texts(b["answers"], refs)
         speedup = b["seconds"] / o["seconds"]
-        print(f"ours vs {kind}: {o['seconds']:.1f} s / {b['seconds']:.1f} s -> speedup {speedup:.2f}x; tokens/s "
-              f"{o['generated_tokens'] / o['seconds']:.1f} vs {b['generated_tokens'] / b['seconds']:.1f}; identical greedy "
-              f"answers {sum(same)}/{len(same)}" + (f" (differing ones agree on their first "
-              f"{100 * sum(prefixes) / len(prefixes):.0f}% of characters)" if prefixes else "")
-              + f"; ROUGE-L {sb['rougeL']:.4f}, BLEU {sb['bleu']:.2f}")
+        print(
+            f"ours vs {kind}: {o['seconds']:.1f} s / {b['seconds']:.1f} s -> speedup {speedup:.2f}x; tokens/s "
+            f"{o['generated_tokens'] / o['seconds']:.1f} vs {b['generated_tokens'] / b['seconds']:.1f}; identical greedy "
+            f"answers {sum(same)}/{len(same)}"
+            + (
+                f" (differing ones agree on their first {100 * sum(prefixes) / len(prefixes):.0f}% of characters)"
+                if prefixes
+                else ""
+            )
+            + f"; ROUGE-L {sb['rougeL']:.4f}, BLEU {sb['bleu']:.2f}"
+        )
         summary[kind] = b
-        summary[f"vs_{kind}"] = {"speedup": speedup, "exact_match": sum(same) / len(same),
-                                 "rougeL": sb["rougeL"], "bleu": sb["bleu"]}
+        summary[f"vs_{kind}"] = {
+            "speedup": speedup,
+            "exact_match": sum(same) / len(same),
+            "rougeL": sb["rougeL"],
+            "bleu": sb["bleu"],
+        }
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
     return 0

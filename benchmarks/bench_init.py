@@ -27,7 +27,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without installing
 
-from oloraplus import adapters  # noqa: E402
+from oloraplus import adapters
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -138,16 +138,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help="cpu | cuda [cpu]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default) [0]")
-    p.add_argument("--proposed", action="store_true",
-                   help="also time the thin QR with an in-place residual (a proposed change, not in src) [off]")
+    p.add_argument(
+        "--proposed",
+        action="store_true",
+        help="also time the thin QR with an in-place residual (a proposed change, not in src) [off]",
+    )
     p.add_argument("--json", help="also write the results to this JSON file")
     args = p.parse_args(argv)
     ranks = [int(r) for r in args.ranks.split(",") if r.strip()]
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    print(f"torch {torch.__version__}  threads {torch.get_num_threads()}  device {args.device}  "
-          f"{platform.processor() or platform.machine()}")
+    print(
+        f"torch {torch.__version__}  threads {torch.get_num_threads()}  device {args.device}  "
+        f"{platform.processor() or platform.machine()}"
+    )
     if hasattr(os, "getloadavg"):  # other users of the cores skew CPU timings: say how busy they were
         print("load average at start: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
     print(f"TinyLlama-1.1B shape, {args.layers} layer(s), 7 projections each, random fp32 weights\n")
@@ -173,10 +178,14 @@ def main(argv: list[str] | None = None) -> int:
             "max_rel_diff": diff,
         }
         rows.append(row)
-        print(f"r={rank:<3} ours {ours_s:8.3f} s (init math {ours_init_s:.3f} s)   peft olora {peft_s:8.3f} s   "
-              f"speedup {row['speedup']:6.1f}x")
-        print(f"       max rel diff  B {diff['B']:.2e}  A {diff['A']:.2e}  residual W {diff['W_residual']:.2e}  "
-              f"(model build {build_s:.1f} s, not timed)")
+        print(
+            f"r={rank:<3} ours {ours_s:8.3f} s (init math {ours_init_s:.3f} s)   peft olora {peft_s:8.3f} s   "
+            f"speedup {row['speedup']:6.1f}x"
+        )
+        print(
+            f"       max rel diff  B {diff['B']:.2e}  A {diff['A']:.2e}  residual W {diff['W_residual']:.2e}  "
+            f"(model build {build_s:.1f} s, not timed)"
+        )
         del peft_model, original
         gc.collect()
         if args.proposed:  # a fresh copy of the same weights (same seed), in place; checked against ours
@@ -184,10 +193,16 @@ def main(argv: list[str] | None = None) -> int:
                 build_model(args.layers, args.device, args.seed), rank, args.alpha, args.device
             )
             prop_diff = max_rel_diff(prop_model, ours_model)
-            row.update(proposed_s=prop_s, proposed_init_only_s=prop_init_s, proposed_speedup=peft_s / prop_s,
-                       proposed_max_rel_diff_vs_ours=prop_diff)
-            print(f"       proposed in-place residual {prop_s:8.3f} s (init math {prop_init_s:.3f} s)   "
-                  f"speedup vs peft {peft_s / prop_s:6.1f}x   max rel diff vs ours {max(prop_diff.values()):.1e}")
+            row.update(
+                proposed_s=prop_s,
+                proposed_init_only_s=prop_init_s,
+                proposed_speedup=peft_s / prop_s,
+                proposed_max_rel_diff_vs_ours=prop_diff,
+            )
+            print(
+                f"       proposed in-place residual {prop_s:8.3f} s (init math {prop_init_s:.3f} s)   "
+                f"speedup vs peft {peft_s / prop_s:6.1f}x   max rel diff vs ours {max(prop_diff.values()):.1e}"
+            )
             del prop_model
         del ours_model
         gc.collect()

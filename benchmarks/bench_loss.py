@@ -30,7 +30,9 @@ from oloraplus.data import IGNORE_INDEX, PadCollator, load_records, split_indice
 from oloraplus.loss import response_token_losses  # noqa: E402
 from oloraplus.models import load_base  # noqa: E402
 
-DEFAULT_DATA = os.environ.get("OLORAPLUS_DATA") or str(REPO.parent / "shared" / "data" / "alpaca" / "alpaca_sample.json")
+DEFAULT_DATA = os.environ.get("OLORAPLUS_DATA") or str(
+    REPO.parent / "shared" / "data" / "alpaca" / "alpaca_sample.json"
+)
 
 
 def stock_loss(model, batch):
@@ -53,8 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}, "
-          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}, "
+        f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+    )
 
     records = load_records(args.data)
     train = [records[i] for i in split_indices(len(records), args.n, 0, 0.0, 42, args.data).train]
@@ -84,16 +88,22 @@ def main(argv: list[str] | None = None) -> int:
                 losses[name] = loss.item()
             worst = max(worst, abs(losses["ours"] - losses["stock"]) / abs(losses["stock"]))
 
-    print(f"\n{len(examples)} examples in {len(batches)} batches of {args.batch_size}, {args.rounds} rounds, "
-          f"forward + backward, OLoRA r=16 (dropout 0)")
+    print(
+        f"\n{len(examples)} examples in {len(batches)} batches of {args.batch_size}, {args.rounds} rounds, "
+        f"forward + backward, OLoRA r=16 (dropout 0)"
+    )
     print(f"positions {positions:,}, labelled (response) positions {labelled:,} ({labelled / positions:.1%})")
-    print(f"stock loss: {seconds['stock']:.1f} s, ours: {seconds['ours']:.1f} s -> ours is "
-          f"{seconds['stock'] / seconds['ours']:.2f}x as fast")
+    print(
+        f"stock loss: {seconds['stock']:.1f} s, ours: {seconds['ours']:.1f} s -> ours is "
+        f"{seconds['stock'] / seconds['ours']:.2f}x as fast"
+    )
     print(f"largest relative loss difference ours vs stock: {worst:.1e}")
     largest = max(batches, key=lambda b: b["input_ids"].numel())
     largest_labelled = int((largest["labels"][:, 1:] != IGNORE_INDEX).sum())
-    print(f"fp32 logits of the largest batch (counted, one copy): stock {largest['input_ids'].numel() * vocab * 4 / 2**20:,.0f} MiB, "
-          f"ours {largest_labelled * vocab * 4 / 2**20:,.0f} MiB")
+    print(
+        f"fp32 logits of the largest batch (counted, one copy): stock {largest['input_ids'].numel() * vocab * 4 / 2**20:,.0f} MiB, "
+        f"ours {largest_labelled * vocab * 4 / 2**20:,.0f} MiB"
+    )
     return 0
 
 

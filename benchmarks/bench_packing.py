@@ -26,7 +26,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
-DEFAULT_DATA = os.environ.get("OLORAPLUS_DATA") or str(REPO.parent / "shared" / "data" / "alpaca" / "alpaca_sample.json")
+DEFAULT_DATA = os.environ.get("OLORAPLUS_DATA") or str(
+    REPO.parent / "shared" / "data" / "alpaca" / "alpaca_sample.json"
+)
 LAYOUTS = ("padded", "single", "packed")
 
 
@@ -69,9 +71,17 @@ def worker(layout: str, args: argparse.Namespace) -> dict:
     seconds = time.perf_counter() - t0
     usage = resource.getrusage(resource.RUSAGE_SELF)
     real = sum(e["length"] for e in examples)
-    return {"layout": layout, "seconds": seconds, "cpu_seconds": time.process_time() - c0, "real_tokens": real,
-            "processed_tokens": padded, "summed_loss": total, "peak_rss_mib": usage.ru_maxrss / 1024,
-            "sys_seconds": usage.ru_stime, "minor_faults": usage.ru_minflt}
+    return {
+        "layout": layout,
+        "seconds": seconds,
+        "cpu_seconds": time.process_time() - c0,
+        "real_tokens": real,
+        "processed_tokens": padded,
+        "summed_loss": total,
+        "peak_rss_mib": usage.ru_maxrss / 1024,
+        "sys_seconds": usage.ru_stime,
+        "minor_faults": usage.ru_minflt,
+    }
 
 
 def main() -> int:
@@ -90,23 +100,30 @@ def main() -> int:
     if args.worker:
         print(json.dumps(worker(args.worker, args)))
         return 0
-    print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}; n={args.n}, batch {args.batch_size}, "
-          f"dropout {args.dropout:g}, packs of {args.pack_tokens} tokens, tuned malloc {bool(args.tuned_malloc)}")
+    print(
+        f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}; n={args.n}, batch {args.batch_size}, "
+        f"dropout {args.dropout:g}, packs of {args.pack_tokens} tokens, tuned malloc {bool(args.tuned_malloc)}"
+    )
     rows = []
     for layout in args.layouts.split(","):
-        cmd = [sys.executable, __file__, "--worker", layout] + [f"--{k}={v}" for k, v in vars(args).items()
-                                                                 if k not in ("worker", "layouts")]
+        cmd = [sys.executable, __file__, "--worker", layout] + [
+            f"--{k}={v}" for k, v in vars(args).items() if k not in ("worker", "layouts")
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
             raise SystemExit(out.stderr[-3000:])
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     first = rows[0]
-    print(f"{'layout':<8}{'seconds':>9}{'real tok/s':>12}{'processed':>11}{'peak RSS MiB':>14}{'sys s':>7}"
-          f"{'summed loss':>14}{'speed vs ' + first['layout']:>17}")
+    print(
+        f"{'layout':<8}{'seconds':>9}{'real tok/s':>12}{'processed':>11}{'peak RSS MiB':>14}{'sys s':>7}"
+        f"{'summed loss':>14}{'speed vs ' + first['layout']:>17}"
+    )
     for r in rows:
-        print(f"{r['layout']:<8}{r['seconds']:>9.1f}{r['real_tokens'] / r['seconds']:>12.1f}{r['processed_tokens']:>11,}"
-              f"{r['peak_rss_mib']:>14,.0f}{r['sys_seconds']:>7.1f}{r['summed_loss']:>14.4f}"
-              f"{first['seconds'] / r['seconds']:>16.2f}x")
+        print(
+            f"{r['layout']:<8}{r['seconds']:>9.1f}{r['real_tokens'] / r['seconds']:>12.1f}{r['processed_tokens']:>11,}"
+            f"{r['peak_rss_mib']:>14,.0f}{r['sys_seconds']:>7.1f}{r['summed_loss']:>14.4f}"
+            f"{first['seconds'] / r['seconds']:>16.2f}x"
+        )
     print(f"load average at end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return 0
 

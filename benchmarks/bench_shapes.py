@@ -35,10 +35,23 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from bench_train import BEFORE_REV, DEFAULT_DATA, extract_revision  # noqa: E402
 
 SHAPES = {
-    "tinyllama": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                      num_key_value_heads=4, vocab_size=32000),
-    "vocab256k": dict(hidden_size=640, intermediate_size=2048, num_hidden_layers=18, num_attention_heads=4,
-                      num_key_value_heads=1, head_dim=256, vocab_size=262144),
+    "tinyllama": dict(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        vocab_size=32000,
+    ),
+    "vocab256k": dict(
+        hidden_size=640,
+        intermediate_size=2048,
+        num_hidden_layers=18,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=256,
+        vocab_size=262144,
+    ),
 }
 
 
@@ -51,8 +64,14 @@ def build_model(shape: str, folder: Path, layers: int | None = None) -> None:
     _, tok = load_base("smollm2-135m")
     torch.manual_seed(0)
     dims = {**SHAPES[shape], **({"num_hidden_layers": layers} if layers else {})}
-    config = LlamaConfig(**dims, max_position_embeddings=2048, tie_word_embeddings=True,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = LlamaConfig(
+        **dims,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     model = LlamaForCausalLM(config)
     print(f"{shape}: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters", flush=True)
     model.save_pretrained(folder)
@@ -64,8 +83,10 @@ def long_records(n: int, data: str, seed: int = 0) -> list[dict]:
     records = json.loads(Path(data).read_text())
     words = " ".join(r["output"] for r in records[:400]).split()
     rng = random.Random(seed)
-    return [{"instruction": r["instruction"], "input": r["input"], "output": " ".join(rng.choices(words, k=600))}
-            for r in records[:n]]
+    return [
+        {"instruction": r["instruction"], "input": r["input"], "output": " ".join(rng.choices(words, k=600))}
+        for r in records[:n]
+    ]
 
 
 def timed_run(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
@@ -97,13 +118,49 @@ def main() -> int:
         data = tmp / "long.json"
         data.write_text(json.dumps(long_records(args.n_train + args.n_test, args.data)))
         train_json = tmp / "train.json"
-        subprocess.run([py, str(REPO / "benchmarks" / "bench_train.py"), "--model", str(tmp / "model"), "--data",
-                        str(data), "--n_train", str(args.n_train), "--batch_size", str(args.batch_size), "--padding_n",
-                        "0", "--order", args.sides, "--before_rev", args.before_rev, "--json", str(train_json)],
-                       check=True)
-        run_args = ["train", "--model", str(tmp / "model"), "--data", str(data), "--n_train", str(args.n_train),
-                    "--n_test", str(args.n_test), "--batch_size", str(args.batch_size), "--max_new_tokens",
-                    str(args.max_new_tokens), "--method", "olora+", "--lr_ratio", "4", "--overwrite"]
+        subprocess.run(
+            [
+                py,
+                str(REPO / "benchmarks" / "bench_train.py"),
+                "--model",
+                str(tmp / "model"),
+                "--data",
+                str(data),
+                "--n_train",
+                str(args.n_train),
+                "--batch_size",
+                str(args.batch_size),
+                "--padding_n",
+                "0",
+                "--order",
+                args.sides,
+                "--before_rev",
+                args.before_rev,
+                "--json",
+                str(train_json),
+            ],
+            check=True,
+        )
+        run_args = [
+            "train",
+            "--model",
+            str(tmp / "model"),
+            "--data",
+            str(data),
+            "--n_train",
+            str(args.n_train),
+            "--n_test",
+            str(args.n_test),
+            "--batch_size",
+            str(args.batch_size),
+            "--max_new_tokens",
+            str(args.max_new_tokens),
+            "--method",
+            "olora+",
+            "--lr_ratio",
+            "4",
+            "--overwrite",
+        ]
         before_src = extract_revision(args.before_rev, tmp / "before_tree")
         whole = {}
         for side, src in (("ours", REPO / "src"), ("before", before_src)):
@@ -111,15 +168,25 @@ def main() -> int:
             whole[side] = timed_run([py, "-m", "oloraplus.cli", *run_args, "--output_dir", str(tmp / side)], env)
             m = json.loads((tmp / side / "metrics.json").read_text())
             whole[side] += (m["train_tokens_per_s"], m["eval_loss"])
-        print(f"\nwhole run ({args.n_train} train x 512 tokens, batch {args.batch_size}, {args.n_test} test, "
-              f"{args.max_new_tokens} new tokens), /usr/bin/time:")
+        print(
+            f"\nwhole run ({args.n_train} train x 512 tokens, batch {args.batch_size}, {args.n_test} test, "
+            f"{args.max_new_tokens} new tokens), /usr/bin/time:"
+        )
         for side, (wall, gib, tps, loss) in whole.items():
-            print(f"  {side:<7} {wall:8.1f} s   peak RSS {gib:6.2f} GiB   train {tps:7.1f} tokens/s   test loss {loss:.4f}")
-        print(f"  ours/before: wall {whole['ours'][0] / whole['before'][0]:.2f}x, peak RSS "
-              f"{whole['ours'][1] / whole['before'][1]:.2f}x")
+            print(
+                f"  {side:<7} {wall:8.1f} s   peak RSS {gib:6.2f} GiB   train {tps:7.1f} tokens/s   test loss {loss:.4f}"
+            )
+        print(
+            f"  ours/before: wall {whole['ours'][0] / whole['before'][0]:.2f}x, peak RSS "
+            f"{whole['ours'][1] / whole['before'][1]:.2f}x"
+        )
         if args.json:
-            Path(args.json).write_text(json.dumps({"args": vars(args), "whole_run": whole,
-                                                   "train": json.loads(train_json.read_text())}, indent=2) + "\n")
+            Path(args.json).write_text(
+                json.dumps(
+                    {"args": vars(args), "whole_run": whole, "train": json.loads(train_json.read_text())}, indent=2
+                )
+                + "\n"
+            )
     return 0
 
 

@@ -42,7 +42,9 @@ SRC = sys.argv[sys.argv.index("--src") + 1] if "--src" in sys.argv else str(REPO
 sys.path.insert(0, SRC)
 BEFORE_REV = "ea9ebf0"
 
-DEFAULT_DATA = os.environ.get("OLORAPLUS_DATA") or str(REPO.parent / "shared" / "data" / "alpaca" / "alpaca_sample.json")
+DEFAULT_DATA = os.environ.get("OLORAPLUS_DATA") or str(
+    REPO.parent / "shared" / "data" / "alpaca" / "alpaca_sample.json"
+)
 SPLIT_SEED = 42  # our config's default split seed; the baseline uses the same split
 N_TEST = 1  # the test split only has to exist: our run evaluates it (eval loss on one example, no generation)
 
@@ -73,7 +75,7 @@ class PeakRSS:
             self.peak = max(self.peak, self.proc.memory_info().rss)
             time.sleep(self.interval)
 
-    def __enter__(self) -> "PeakRSS":
+    def __enter__(self) -> PeakRSS:
         self.start_uss = self.proc.memory_full_info().uss
         self.start_rss = self.peak = self.proc.memory_info().rss
         self.cpu0 = time.process_time()
@@ -187,9 +189,18 @@ def worker_ours(args: argparse.Namespace, out_dir: Path, before: bool = False) -
         with PeakRSS() as rss:
             result, table = profiled(lambda: original_train(self, *a, **kw), args.profile)
         # counted now: run_training merges the adapter into the base right after training
-        sampled.update(peak=rss.peak, start=rss.start_rss, end_uss=rss.end_uss, start_uss=rss.start_uss,
-                       cpu=rss.cpu_seconds, user=rss.user_s, sys=rss.sys_s, faults=rss.minor_faults,
-                       table=table, params=matmul_params(self.model))
+        sampled.update(
+            peak=rss.peak,
+            start=rss.start_rss,
+            end_uss=rss.end_uss,
+            start_uss=rss.start_uss,
+            cpu=rss.cpu_seconds,
+            user=rss.user_s,
+            sys=rss.sys_s,
+            faults=rss.minor_faults,
+            table=table,
+            params=matmul_params(self.model),
+        )
         return result
 
     train_mod.OLoRAPlusTrainer.train = train_with_probe
@@ -393,8 +404,23 @@ def run_worker(kind: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--result", str(result), "--tmp", str(tmp)]
     if kind == "before":
         cmd += ["--src", str(extract_revision(args.before_rev, tmp / "before_tree"))]
-    for key in ("model", "data", "n_train", "max_steps", "batch_size", "rank", "alpha", "dropout", "before_dropout",
-                "lr", "lr_ratio", "max_length", "seed", "threads", "dynamics_every"):
+    for key in (
+        "model",
+        "data",
+        "n_train",
+        "max_steps",
+        "batch_size",
+        "rank",
+        "alpha",
+        "dropout",
+        "before_dropout",
+        "lr",
+        "lr_ratio",
+        "max_length",
+        "seed",
+        "threads",
+        "dynamics_every",
+    ):
         cmd += [f"--{key}", str(getattr(args, key))]
     if args.profile:
         cmd.append("--profile")
@@ -431,14 +457,20 @@ def report(results: dict[str, dict[str, Any]], peaks: list[tuple[float, float]],
     o = results["ours"]
     others = [k for k in ("before", "baseline") if k in results]
     kinds = ["ours", *others]
-    print(f"\n{args.model}, {args.n_train} Alpaca examples, {o['steps']} steps of batch {args.batch_size}, "
-          f"r={args.rank}, alpha={args.alpha:g}, lambda={args.lr_ratio:g}, dropout ours/baseline {args.dropout:g}, "
-          f"before {args.before_dropout:g}; precision " + ", ".join(f"{k} {results[k]['precision']}" for k in kinds))
-    print(f"fp32 matmul peak ({args.peak_n}x{args.peak_n}): {peaks[0][0] / 1e9:.1f} GFLOP/s before, "
-          f"{peaks[1][0] / 1e9:.1f} after, per wall second; {peaks[0][1] / 1e9:.1f} and {peaks[1][1] / 1e9:.1f} "
-          "per CPU second; MFU uses the larger of each")
-    print(f"FLOPs per real token: 4·P_base + 6·P_lora = 4·{o['base_matmul_params'] / 1e6:.1f}M + "
-          f"6·{o['lora_params'] / 1e6:.2f}M\n")
+    print(
+        f"\n{args.model}, {args.n_train} Alpaca examples, {o['steps']} steps of batch {args.batch_size}, "
+        f"r={args.rank}, alpha={args.alpha:g}, lambda={args.lr_ratio:g}, dropout ours/baseline {args.dropout:g}, "
+        f"before {args.before_dropout:g}; precision " + ", ".join(f"{k} {results[k]['precision']}" for k in kinds)
+    )
+    print(
+        f"fp32 matmul peak ({args.peak_n}x{args.peak_n}): {peaks[0][0] / 1e9:.1f} GFLOP/s before, "
+        f"{peaks[1][0] / 1e9:.1f} after, per wall second; {peaks[0][1] / 1e9:.1f} and {peaks[1][1] / 1e9:.1f} "
+        "per CPU second; MFU uses the larger of each"
+    )
+    print(
+        f"FLOPs per real token: 4·P_base + 6·P_lora = 4·{o['base_matmul_params'] / 1e6:.1f}M + "
+        f"6·{o['lora_params'] / 1e6:.2f}M\n"
+    )
     header = f"{'':<24}" + "".join(f"{k:>14}" for k in kinds) + "".join(f"{'ours/' + k:>16}" for k in others)
     print(header)
     print("-" * len(header))
@@ -462,30 +494,47 @@ def report(results: dict[str, dict[str, Any]], peaks: list[tuple[float, float]],
     line("train CPU seconds", field("train_cpu_seconds"), "{:.1f}")
     line("  of which user s", field("train_user_seconds"), "{:.1f}")
     line("  of which system s", field("train_sys_seconds"), "{:.1f}")
-    line("  kernel share of CPU", {k: results[k]["train_sys_seconds"] / results[k]["train_cpu_seconds"] for k in kinds},
-         "{:.1%}", False)
+    line(
+        "  kernel share of CPU",
+        {k: results[k]["train_sys_seconds"] / results[k]["train_cpu_seconds"] for k in kinds},
+        "{:.1%}",
+        False,
+    )
     line("  minor page faults", field("train_minor_faults"), "{:,.0f}")
     line("real tokens/CPU-s", derived("real_tokens_per_cpu_s"), "{:.1f}")
     line("MFU (real tokens)", derived("mfu"), "{:.1%}", False)
     line("MFU, CPU time", derived("mfu_cpu_time"), "{:.1%}", False)
     line("HFU (padded tokens)", derived("hfu"), "{:.1%}", False)
-    for label, key in (("train peak RSS", "train_peak_rss"), ("RSS before train", "rss_before_train"),
-                       ("USS before train", "uss_before_train"), ("USS after train", "uss_after_train"),
-                       ("lifetime max RSS", "lifetime_max_rss")):
+    for label, key in (
+        ("train peak RSS", "train_peak_rss"),
+        ("RSS before train", "rss_before_train"),
+        ("USS before train", "uss_before_train"),
+        ("USS after train", "uss_after_train"),
+        ("lifetime max RSS", "lifetime_max_rss"),
+    ):
         line(label + " (MiB)", {k: results[k][key] / 2**20 for k in kinds}, "{:,.0f}")
     line("whole subprocess s", field("subprocess_seconds"), "{:.1f}")
     print("\nfinal train loss: " + ", ".join(f"{k} {results[k]['final_train_loss']}" for k in kinds))
-    print("train peak RSS: psutil sampling thread over trainer.train() (every 5 ms); USS: psutil, before and after; "
-          "lifetime: resource.getrusage ru_maxrss (the whole process, loading included); CPU seconds: "
-          "time.process_time over trainer.train()")
-    summary = {"results": results, "derived": rows, "peak_flops": peak, "peak_flops_per_cpu_s": peak_cpu,
-               "load_average": list(os.getloadavg())}
+    print(
+        "train peak RSS: psutil sampling thread over trainer.train() (every 5 ms); USS: psutil, before and after; "
+        "lifetime: resource.getrusage ru_maxrss (the whole process, loading included); CPU seconds: "
+        "time.process_time over trainer.train()"
+    )
+    summary = {
+        "results": results,
+        "derived": rows,
+        "peak_flops": peak,
+        "peak_flops_per_cpu_s": peak_cpu,
+        "load_average": list(os.getloadavg()),
+    }
     for k in others:
         speedup = rows["ours"]["real_tokens_per_s"] / rows[k]["real_tokens_per_s"]
         cpu_speedup = rows["ours"]["real_tokens_per_cpu_s"] / rows[k]["real_tokens_per_cpu_s"]
         mem = o["lifetime_max_rss"] / results[k]["lifetime_max_rss"]
-        print(f"ours vs {k}: real tokens/s {speedup:.2f}x wall, {cpu_speedup:.2f}x per CPU-second; "
-              f"lifetime peak RSS {mem:.2f}x")
+        print(
+            f"ours vs {k}: real tokens/s {speedup:.2f}x wall, {cpu_speedup:.2f}x per CPU-second; "
+            f"lifetime peak RSS {mem:.2f}x"
+        )
         summary[f"vs_{k}"] = {"speedup": speedup, "cpu_speedup": cpu_speedup, "lifetime_peak_rss_ratio": mem}
     for kind, r in results.items():
         if r.get("profile"):
@@ -511,13 +560,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--data", default=DEFAULT_DATA, help="Alpaca JSON [$OLORAPLUS_DATA or ../shared/data/alpaca/...]")
     p.add_argument("--threads", type=int, default=0, help="torch threads in each worker (0: torch's default) [0]")
-    p.add_argument("--dynamics_every", type=int, default=10,
-                   help="ours: learning-dynamics snapshot every N steps (our default 10; the baseline has none) [10]")
+    p.add_argument(
+        "--dynamics_every",
+        type=int,
+        default=10,
+        help="ours: learning-dynamics snapshot every N steps (our default 10; the baseline has none) [10]",
+    )
     p.add_argument("--peak_n", type=int, default=2048, help="matmul size for the fp32 peak [2048]")
     p.add_argument("--profile", action="store_true", help="torch.profiler over each training run; prints top ops")
-    p.add_argument("--padding_n", type=int, default=1000,
-                   help="also count (not time) one epoch's padding at this n, e.g. the protocol's 1000; 0: skip [1000]")
-    p.add_argument("--order", default="ours,before,baseline", help="which pipelines run, in order [ours,before,baseline]")
+    p.add_argument(
+        "--padding_n",
+        type=int,
+        default=1000,
+        help="also count (not time) one epoch's padding at this n, e.g. the protocol's 1000; 0: skip [1000]",
+    )
+    p.add_argument(
+        "--order", default="ours,before,baseline", help="which pipelines run, in order [ours,before,baseline]"
+    )
     p.add_argument("--json", help="also write all figures to this JSON file")
     p.add_argument("--worker", choices=["ours", "before", "baseline"], help=argparse.SUPPRESS)
     p.add_argument("--src", help=argparse.SUPPRESS)
@@ -551,8 +610,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}, "
-          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}, "
+        f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+    )
     peaks = [matmul_peak(args.peak_n)]
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
@@ -565,9 +626,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.padding_n:
         pad = epoch_padding(args, args.padding_n)
         summary["epoch_padding"] = {"n": args.padding_n, **pad}
-        print(f"\npadding of one epoch of {args.padding_n} examples, batch {args.batch_size} (counted, not timed): "
-              f"ours {pad['ours']:.1%}, baseline {pad['baseline']:.1%} -> baseline processes "
-              f"{(1 - pad['ours']) / (1 - pad['baseline']):.2f}x the tokens ours does")
+        print(
+            f"\npadding of one epoch of {args.padding_n} examples, batch {args.batch_size} (counted, not timed): "
+            f"ours {pad['ours']:.1%}, baseline {pad['baseline']:.1%} -> baseline processes "
+            f"{(1 - pad['ours']) / (1 - pad['baseline']):.2f}x the tokens ours does"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
     return 0

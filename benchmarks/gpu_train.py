@@ -27,6 +27,7 @@ sys.path.insert(0, str(HERE.parent / "src"))  # run from a checkout without inst
 sys.path.insert(0, str(HERE))
 
 from bench_init import tinyllama_config  # noqa: E402
+
 from oloraplus import adapters  # noqa: E402
 from oloraplus.optim import loraplus_param_groups  # noqa: E402
 
@@ -56,8 +57,9 @@ def matmul_peak(device: str, dtype: torch.dtype, n: int, iters: int) -> float:
 
 def count_params(model) -> tuple[int, int]:
     """(frozen base weights used in matmuls incl. lm_head, trainable adapter weights)."""
-    base = sum(m.weight.numel() for n, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and ".lora_" not in n)
+    base = sum(
+        m.weight.numel() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".lora_" not in n
+    )
     lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return base, lora
 
@@ -82,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--lr_ratio", type=float, default=4.0)
     p.add_argument("--precision", choices=["bf16", "fp32"], default=None, help="[bf16 on cuda, fp32 on cpu]")
-    p.add_argument("--spec_peak", type=float, default=H200_BF16_DENSE, help="spec dense peak FLOP/s [989e12, H200 bf16]")
+    p.add_argument(
+        "--spec_peak", type=float, default=H200_BF16_DENSE, help="spec dense peak FLOP/s [989e12, H200 bf16]"
+    )
     p.add_argument("--matmul_n", type=int, default=None, help="matmul size for the measured peak [8192 cuda, 512 cpu]")
     p.add_argument("--json", help="write the figures to this JSON file")
     args = p.parse_args(argv)
@@ -119,10 +123,16 @@ def main(argv: list[str] | None = None) -> int:
     base_p, lora_p = count_params(model)
     _, first = adapters.lora_layers(model)[0]
     dtypes = f"base {first.get_base_layer().weight.dtype}, adapter {first.lora_A[adapters.ADAPTER].weight.dtype}"
-    print(f"TinyLlama-1.1B shape, {args.layers} layers: {base_p / 1e6:.1f}M frozen matmul weights, "
-          f"{lora_p / 1e6:.2f}M trainable (r={args.rank}; {dtypes}); build {build_s:.1f} s, OLoRA attach {init_s:.2f} s")
+    print(
+        f"TinyLlama-1.1B shape, {args.layers} layers: {base_p / 1e6:.1f}M frozen matmul weights, "
+        f"{lora_p / 1e6:.2f}M trainable (r={args.rank}; {dtypes}); build {build_s:.1f} s, OLoRA attach {init_s:.2f} s"
+    )
 
-    autocast = torch.autocast(device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    autocast = (
+        torch.autocast(device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16)
+        if bf16
+        else contextlib.nullcontext()
+    )
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     gen = torch.Generator(device=args.device).manual_seed(0)
@@ -147,20 +157,36 @@ def main(argv: list[str] | None = None) -> int:
     achieved = per_token * tokens / seconds
     result = {
         "device": torch.cuda.get_device_name() if cuda else "cpu",
-        "layers": args.layers, "batch_size": batch, "seq_len": seq, "steps": args.steps, "rank": args.rank,
+        "layers": args.layers,
+        "batch_size": batch,
+        "seq_len": seq,
+        "steps": args.steps,
+        "rank": args.rank,
         "precision": "bf16 autocast, bf16 base weights, fp32 adapter" if bf16 else "fp32",
-        "seconds": seconds, "tokens_per_s": tokens / seconds, "step_ms": 1000 * seconds / args.steps,
-        "flops_per_token": per_token, "achieved_flops_per_s": achieved,
-        "measured_matmul_peak": peak, "mfu_vs_measured": achieved / peak,
-        "spec_peak": args.spec_peak, "mfu_vs_spec": achieved / args.spec_peak,
-        "olora_attach_s": init_s, "losses_first_last": [losses[0], losses[-1]],
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds,
+        "step_ms": 1000 * seconds / args.steps,
+        "flops_per_token": per_token,
+        "achieved_flops_per_s": achieved,
+        "measured_matmul_peak": peak,
+        "mfu_vs_measured": achieved / peak,
+        "spec_peak": args.spec_peak,
+        "mfu_vs_spec": achieved / args.spec_peak,
+        "olora_attach_s": init_s,
+        "losses_first_last": [losses[0], losses[-1]],
         "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
     }
-    print(f"{args.steps} steps of {batch}x{seq} tokens: {seconds:.2f} s, {result['step_ms']:.0f} ms/step, "
-          f"{result['tokens_per_s']:,.0f} tokens/s")
-    print(f"FLOPs/token 4·P + 6·P_lora + 12·l·L·d = {per_token / 1e9:.2f} GFLOP; achieved {achieved / 1e12:.2f} TFLOP/s")
-    print(f"MFU {result['mfu_vs_spec']:.1%} of the {args.spec_peak / 1e12:.0f} TFLOP/s spec peak, "
-          f"{result['mfu_vs_measured']:.1%} of the measured matmul peak")
+    print(
+        f"{args.steps} steps of {batch}x{seq} tokens: {seconds:.2f} s, {result['step_ms']:.0f} ms/step, "
+        f"{result['tokens_per_s']:,.0f} tokens/s"
+    )
+    print(
+        f"FLOPs/token 4·P + 6·P_lora + 12·l·L·d = {per_token / 1e9:.2f} GFLOP; achieved {achieved / 1e12:.2f} TFLOP/s"
+    )
+    print(
+        f"MFU {result['mfu_vs_spec']:.1%} of the {args.spec_peak / 1e12:.0f} TFLOP/s spec peak, "
+        f"{result['mfu_vs_measured']:.1%} of the measured matmul peak"
+    )
     if cuda:
         print(f"peak GPU memory allocated: {result['peak_gpu_memory_gib']:.1f} GiB")
     print(f"loss first {losses[0]:.3f}, last {losses[-1]:.3f} (random tokens: ~ln(vocab) = 10.4)")

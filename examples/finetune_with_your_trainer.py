@@ -37,24 +37,38 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--n_train", type=int, default=200)
     p.add_argument("--max_steps", type=int, default=25)
-    p.add_argument("--report_to", default="none", help="tensorboard, mlflow, wandb, trackio, ... (as TrainingArguments)")
+    p.add_argument(
+        "--report_to", default="none", help="tensorboard, mlflow, wandb, trackio, ... (as TrainingArguments)"
+    )
     a = p.parse_args(argv)
 
     model, tok = load_base(a.model)
     with open(a.data, encoding="utf-8") as f:
         train = [tokenize(tok, r) for r in json.load(f)[: a.n_train]]
     # PEFT's default init first; olora_init then sets B = Q_r, A = R_r and W <- W - (alpha/r)·B·A
-    peft_model = get_peft_model(model, LoraConfig(
-        r=16, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM"))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
+    )
     initial = oloraplus.olora_init(peft_model)  # (A0, B0): what save_adapter needs for the original base
 
     args = TrainingArguments(
-        output_dir=a.output_dir, learning_rate=a.lr, max_steps=a.max_steps, per_device_train_batch_size=8,
-        warmup_steps=0.1, logging_steps=5, save_strategy="no", report_to=a.report_to,
+        output_dir=a.output_dir,
+        learning_rate=a.lr,
+        max_steps=a.max_steps,
+        per_device_train_batch_size=8,
+        warmup_steps=0.1,
+        logging_steps=5,
+        save_strategy="no",
+        report_to=a.report_to,
     )
-    optimizer = oloraplus.loraplus_optimizer(peft_model, args, lr_ratio=a.lr_ratio)  # what `args` asks for, B at lambda x lr
+    optimizer = oloraplus.loraplus_optimizer(
+        peft_model, args, lr_ratio=a.lr_ratio
+    )  # what `args` asks for, B at lambda x lr
     trainer = Trainer(
-        model=peft_model, args=args, train_dataset=train, optimizers=(optimizer, None),  # Trainer adds the schedule
+        model=peft_model,
+        args=args,
+        train_dataset=train,
+        optimizers=(optimizer, None),  # Trainer adds the schedule
         data_collator=DataCollatorForSeq2Seq(tok, padding=True),
     )
     trainer.train()

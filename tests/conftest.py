@@ -44,7 +44,8 @@ def build_tokenizer(chat_template: bool = True):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=600, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        vocab_size=600,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     texts = [r["instruction"] + "\n" + r["input"] + "\n" + r["output"] for r in _records()]
@@ -62,9 +63,17 @@ def build_tiny_llama(vocab_size: int, seed: int = 0):
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False,
-        eos_token_id=2, pad_token_id=2, bos_token_id=1,
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        eos_token_id=2,
+        pad_token_id=2,
+        bos_token_id=1,
     )
     return LlamaForCausalLM(config)
 
@@ -104,7 +113,26 @@ def tiny_run(tiny_model_dir, tmp_path_factory) -> Path:
     data = tmp_path_factory.mktemp("run-data") / "records.json"
     data.write_text(json.dumps(_records()[:60]), encoding="utf-8")
     out = tmp_path_factory.mktemp("tiny-run") / "run"
-    args = ["train", "--model", str(tiny_model_dir), "--data", str(data), "--n_train", "16", "--n_test", "4",
-            "--batch_size", "4", "--max_steps", "3", "--lr", "1e-2", "--generate", "false", "--output_dir", str(out)]
+    args = [
+        "train",
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(data),
+        "--n_train",
+        "16",
+        "--n_test",
+        "4",
+        "--batch_size",
+        "4",
+        "--max_steps",
+        "3",
+        "--lr",
+        "1e-2",
+        "--generate",
+        "false",
+        "--output_dir",
+        str(out),
+    ]
     assert main(args) == 0
     return out

@@ -4,12 +4,11 @@ import copy
 
 import pytest
 import torch
+from conftest import build_tiny_llama
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from oloraplus.adapters import adapter_snapshot, attach_adapter, lora_layers, olora_factors, save_adapter
 from oloraplus.errors import OLoRAPlusError
-
-from conftest import build_tiny_llama
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -33,7 +32,9 @@ def test_thin_qr_equals_full_qr(shape, rank):
 
 def test_olora_init_equals_peft_olora():
     ours = attach_adapter(build_tiny_llama(300), "olora", 8, 16, 0.0, TARGETS)
-    peft = get_peft_model(build_tiny_llama(300), LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, init_lora_weights="olora"))
+    peft = get_peft_model(
+        build_tiny_llama(300), LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, init_lora_weights="olora")
+    )
     p_ours, p_peft = dict(ours.named_parameters()), dict(peft.named_parameters())
     assert p_ours.keys() == p_peft.keys()
     n_lora = 0

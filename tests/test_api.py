@@ -11,13 +11,12 @@ import sys
 
 import pytest
 import torch
+from conftest import FIXTURE, REPO, build_tiny_llama
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import Trainer, TrainingArguments
 
 import oloraplus
 from oloraplus.errors import OLoRAPlusError
-
-from conftest import FIXTURE, REPO, build_tiny_llama
 
 EXAMPLE = REPO / "examples" / "finetune_with_your_trainer.py"
 
@@ -39,8 +38,11 @@ def test_public_names_load_on_first_use_and_import_stays_torch_free():
     assert out.split() == ["False", "False", "False"]
     names: dict = {}
     exec("from oloraplus import *", names)
-    assert sorted(n for n in names if n != "__builtins__") == sorted(oloraplus.__all__) == [
-        "OLoRAPlusError", "loraplus_optimizer", "loraplus_param_groups", "olora_init", "save_adapter"]
+    assert (
+        sorted(n for n in names if n != "__builtins__")
+        == sorted(oloraplus.__all__)
+        == ["OLoRAPlusError", "loraplus_optimizer", "loraplus_param_groups", "olora_init", "save_adapter"]
+    )
     for name in oloraplus.__all__:
         assert callable(getattr(oloraplus, name)) and getattr(oloraplus, name).__doc__, name
     with pytest.raises(AttributeError):
@@ -78,8 +80,9 @@ def test_olora_init_refuses_what_it_would_get_wrong(make, message):
 def test_loraplus_optimizer_in_a_stock_trainer_keeps_the_ratio_through_the_schedule(tmp_path, lr_ratio):
     model = _peft_model()
     oloraplus.olora_init(model)
-    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-3, weight_decay=0.1, warmup_steps=0.5,
-                             use_cpu=True, report_to=[])
+    args = TrainingArguments(
+        output_dir=str(tmp_path), learning_rate=1e-3, weight_decay=0.1, warmup_steps=0.5, use_cpu=True, report_to=[]
+    )
     optimizer = oloraplus.loraplus_optimizer(model, args, lr_ratio)
     assert isinstance(optimizer, torch.optim.AdamW)  # what args.optim asks for
     trainer = Trainer(model=model, args=args, optimizers=(optimizer, None))
@@ -111,8 +114,24 @@ def test_the_example_trains_with_a_stock_trainer(tiny_model_dir, tmp_path):
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
     out = tmp_path / "run"
-    trainer = example.main(["--model", str(tiny_model_dir), "--data", str(FIXTURE), "--output_dir", str(out),
-                            "--lr_ratio", "4", "--lr", "2e-3", "--n_train", "64", "--max_steps", "10"])
+    trainer = example.main(
+        [
+            "--model",
+            str(tiny_model_dir),
+            "--data",
+            str(FIXTURE),
+            "--output_dir",
+            str(out),
+            "--lr_ratio",
+            "4",
+            "--lr",
+            "2e-3",
+            "--n_train",
+            "64",
+            "--max_steps",
+            "10",
+        ]
+    )
     lrs = {g["role"]: g["initial_lr"] for g in trainer.optimizer.param_groups}  # the schedule ends at lr 0
     assert lrs == {"lora_A": 2e-3, "lora_B": 8e-3}
     assert trainer.state.global_step == 10

@@ -16,14 +16,26 @@ class _Shaped(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.config = SimpleNamespace(
-            hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4
+            hidden_size=2048,
+            intermediate_size=5632,
+            num_hidden_layers=22,
+            num_attention_heads=32,
+            num_key_value_heads=4,
         )
         self.weights = torch.nn.Parameter(torch.empty(1_100_000_000, device="meta"))
 
 
 def _plan(budget_gb, micro=512):
-    return plan_memory(_Shaped(), budget_gb, micro, max_length=512, batch_size=8, eval_batch_size=32,
-                       max_new_tokens=128, vocab_chunk_bytes=64 << 20)
+    return plan_memory(
+        _Shaped(),
+        budget_gb,
+        micro,
+        max_length=512,
+        batch_size=8,
+        eval_batch_size=32,
+        max_new_tokens=128,
+        vocab_chunk_bytes=64 << 20,
+    )
 
 
 def test_checkpointing_costs_less_memory_per_token():
@@ -54,8 +66,23 @@ def test_a_budget_below_the_weights_is_refused_with_what_it_needs():
 
 def test_cli_refuses_an_impossible_budget_before_writing(tiny_model_dir, small_data, tmp_path, capsys):
     out = tmp_path / "run"
-    rc = main(["train", "--model", str(tiny_model_dir), "--data", str(small_data), "--n_train", "8", "--n_test", "2",
-               "--max_memory_gb", "0.5", "--output_dir", str(out)])
+    rc = main(
+        [
+            "train",
+            "--model",
+            str(tiny_model_dir),
+            "--data",
+            str(small_data),
+            "--n_train",
+            "8",
+            "--n_test",
+            "2",
+            "--max_memory_gb",
+            "0.5",
+            "--output_dir",
+            str(out),
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "max_memory_gb 0.5 is too small" in err
     assert not out.exists()
@@ -65,8 +92,25 @@ def test_a_budgeted_run_records_its_plan(tiny_model_dir, small_data, tmp_path):
     import json
 
     out = tmp_path / "run"
-    rc = main(["train", "--model", str(tiny_model_dir), "--data", str(small_data), "--n_train", "8", "--n_test", "2",
-               "--max_new_tokens", "4", "--max_memory_gb", "4", "--output_dir", str(out)])
+    rc = main(
+        [
+            "train",
+            "--model",
+            str(tiny_model_dir),
+            "--data",
+            str(small_data),
+            "--n_train",
+            "8",
+            "--n_test",
+            "2",
+            "--max_new_tokens",
+            "4",
+            "--max_memory_gb",
+            "4",
+            "--output_dir",
+            str(out),
+        ]
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     plan = metrics["memory_plan"]
     assert rc == 0 and plan["estimated_peak_gb"] <= 4 and plan["micro_batch_tokens"] >= 512
@@ -79,10 +123,13 @@ def test_peak_rss_follows_what_the_process_holds():
     import sys
 
     # a fresh process, so no earlier test's peak hides the block
-    code = ("from oloraplus.budget import peak_rss_gb; before = peak_rss_gb(); block = bytearray(512 << 20); "
-            "block[::4096] = b'x' * (len(block) // 4096); print(before, peak_rss_gb())")
-    before, after = map(float, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                              check=True).stdout.split())
+    code = (
+        "from oloraplus.budget import peak_rss_gb; before = peak_rss_gb(); block = bytearray(512 << 20); "
+        "block[::4096] = b'x' * (len(block) // 4096); print(before, peak_rss_gb())"
+    )
+    before, after = map(
+        float, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    )
     assert 0.4 < after - before < 0.6  # the 512 MiB block, touched page by page
 
 
@@ -92,8 +139,25 @@ def test_checkpointed_packed_training_gives_the_same_losses(tiny_model_dir, smal
     from oloraplus import prepare
     from oloraplus.budget import MemoryPlan
 
-    args = ["train", "--model", str(tiny_model_dir), "--data", str(small_data), "--n_train", "16", "--n_test", "2",
-            "--generate", "false", "--dropout", "0", "--logging_steps", "1", "--precision", "fp32"]
+    args = [
+        "train",
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(small_data),
+        "--n_train",
+        "16",
+        "--n_test",
+        "2",
+        "--generate",
+        "false",
+        "--dropout",
+        "0",
+        "--logging_steps",
+        "1",
+        "--precision",
+        "fp32",
+    ]
     losses = {}
     for checkpointing in (False, True):
         monkeypatch.setattr(prepare, "plan_memory", lambda *a, **k: MemoryPlan(64, checkpointing, 4, 1.0))

@@ -7,6 +7,7 @@ import io
 
 import pytest
 import torch
+from conftest import build_tokenizer
 
 import oloraplus.chat as chat_module
 from oloraplus.cli import main
@@ -14,8 +15,6 @@ from oloraplus.data import conversation_ids, conversation_text, prompt_text
 from oloraplus.generation import generate_answers, greedy_decode
 from oloraplus.models import load_base
 from oloraplus.prepare import load_tuned
-
-from conftest import build_tokenizer
 
 PROMPT = "Give three tips for staying healthy."
 N = "16"
@@ -90,8 +89,11 @@ def test_second_turn_answer_is_greedy_on_the_whole_conversation(tiny_run, capsys
     assert main(["chat", str(tiny_run), "--max_new_tokens", N]) == 0
     model, tok, _ = load_tuned(tiny_run)
     first = _evaluation_answer(model, tok, PROMPT)
-    turns = [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": first},
-             {"role": "user", "content": "Name a colour."}]
+    turns = [
+        {"role": "user", "content": PROMPT},
+        {"role": "assistant", "content": first},
+        {"role": "user", "content": "Name a colour."},
+    ]
     (row,) = greedy_decode(model, [conversation_ids(tok, turns)], int(N), tok.eos_token_id, tok.pad_token_id)
     second = tok.decode(row, skip_special_tokens=True).strip()
     out = capsys.readouterr().out
@@ -104,8 +106,14 @@ def test_conversation_format_without_a_chat_template():
     rec = {"instruction": "Say hi.", "input": "", "output": ""}
     one = conversation_text(tok, [{"role": "user", "content": "Say hi."}])
     assert one == prompt_text(tok, rec)
-    two = conversation_text(tok, [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "hi"},
-                                  {"role": "user", "content": "Again."}])
+    two = conversation_text(
+        tok,
+        [
+            {"role": "user", "content": "Say hi."},
+            {"role": "assistant", "content": "hi"},
+            {"role": "user", "content": "Again."},
+        ],
+    )
     assert two == one + "hi\n\n### Instruction:\nAgain.\n\n### Response:\n"
     templated = build_tokenizer()
     assert conversation_text(templated, [{"role": "user", "content": "Say hi."}]) == prompt_text(templated, rec)
@@ -141,8 +149,12 @@ def test_bad_input_one_line_exit_2(args, message, tiny_run, tmp_path, capsys, mo
     no_adapter = tmp_path / "no_adapter"
     no_adapter.mkdir()
     (no_adapter / "config.yaml").write_text((tiny_run / "config.yaml").read_text())
-    names = {"missing": tmp_path / "missing", "not_a_run": tmp_path / "not_a_run", "no_adapter": no_adapter,
-             "run": tiny_run}
+    names = {
+        "missing": tmp_path / "missing",
+        "not_a_run": tmp_path / "not_a_run",
+        "no_adapter": no_adapter,
+        "run": tiny_run,
+    }
     if "<empty stdin>" in args:
         args = [a for a in args if a != "<empty stdin>"]
         monkeypatch.setattr("sys.stdin", io.StringIO("  \n"))
@@ -160,10 +172,14 @@ def test_bad_input_one_line_exit_2(args, message, tiny_run, tmp_path, capsys, mo
 def test_a_long_conversation_leaves_out_its_oldest_exchanges(tiny_model_dir):
     model, tok = load_base(str(tiny_model_dir))
     chat = chat_module.Chat(model, tok, max_new_tokens=8)
-    chat.messages = [{"role": role, "content": f"{role} message {i}"} for i in range(6) for role in ("user", "assistant")]
+    chat.messages = [
+        {"role": role, "content": f"{role} message {i}"} for i in range(6) for role in ("user", "assistant")
+    ]
     full = chat.prompt_ids("last question")
     chat.prompt_budget = len(full) - 1  # one token too long: the oldest exchange goes, the rest stays
     shorter = tok.decode(chat.prompt_ids("last question"))
     assert "message 0" not in shorter and "user message 1" in shorter and "last question" in shorter
     chat.prompt_budget = 5  # not even the question fits: its last tokens
-    assert chat.prompt_ids("last question") == conversation_ids(tok, [{"role": "user", "content": "last question"}])[-5:]
+    assert (
+        chat.prompt_ids("last question") == conversation_ids(tok, [{"role": "user", "content": "last question"}])[-5:]
+    )

@@ -1,7 +1,6 @@
 """The CLI end to end on a tiny model: train, evaluate, and one-line errors (exit 2) for bad input."""
 
 import dataclasses
-
 import json
 import subprocess
 import sys
@@ -14,9 +13,26 @@ from oloraplus.cli import main
 
 def _train_args(model_dir, data, out, *extra):
     return [
-        "train", "--model", str(model_dir), "--data", str(data), "--n_train", "24", "--n_test", "6",
-        "--batch_size", "4", "--max_new_tokens", "8", "--output_dir", str(out), "--logging_steps", "1",
-        "--dynamics_every", "2", *extra,
+        "train",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data),
+        "--n_train",
+        "24",
+        "--n_test",
+        "6",
+        "--batch_size",
+        "4",
+        "--max_new_tokens",
+        "8",
+        "--output_dir",
+        str(out),
+        "--logging_steps",
+        "1",
+        "--dynamics_every",
+        "2",
+        *extra,
     ]
 
 
@@ -35,8 +51,16 @@ def finished_run(tiny_model_dir, tmp_path_factory):
 
 def test_train_writes_a_complete_run_folder(finished_run):
     out, _ = finished_run
-    for name in ("config.yaml", "metrics.json", "predictions.jsonl", "history.json", "dynamics.jsonl", "train_loss.png",
-                 "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
+    for name in (
+        "config.yaml",
+        "metrics.json",
+        "predictions.jsonl",
+        "history.json",
+        "dynamics.jsonl",
+        "train_loss.png",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+    ):
         assert (out / name).is_file(), name
     m = json.loads((out / "metrics.json").read_text())
     assert m["status"] == "finished" and m["method"] == "olora+" and m["lr_ratio"] == 0.25
@@ -101,7 +125,9 @@ def test_bad_input_one_line_exit_2_nothing_overwritten(extra, message, tiny_mode
         "empty": tmp_path / "empty.json",
     }
     files["malformed"].write_text('[{"instruction": ')
-    files["nokey"].write_text(json.dumps([{"instruction": "a", "input": "", "output": "b"}, {"instruction": "a", "input": ""}]))
+    files["nokey"].write_text(
+        json.dumps([{"instruction": "a", "input": "", "output": "b"}, {"instruction": "a", "input": ""}])
+    )
     files["nonstring"].write_text(json.dumps([{"instruction": "a", "input": ["x"], "output": "b"}]))
     files["empty"].write_text("[]")
     extra = [e.format(**{k: str(v) for k, v in files.items()}) for e in extra]
@@ -118,7 +144,9 @@ def test_bad_input_one_line_exit_2_nothing_overwritten(extra, message, tiny_mode
 def test_real_process_prints_no_traceback(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "oloraplus.cli", "train", "--lr_ratio", "-1", "--output_dir", str(tmp_path / "x")],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert proc.stderr.strip() == "oloraplus: error: lr_ratio (lambda) must be a finite number > 0, got -1.0"
@@ -167,22 +195,61 @@ def test_compare_has_a_flag_with_help_and_default_for_every_grid_field():
     for f in dataclasses.fields(GridConfig):
         assert f.name in helps, f"GridConfig.{f.name} has no compare flag"
         assert f.metadata["help"] in helps[f.name] and "[default: " in helps[f.name], f.name
-    for flag, default in [("methods", "olora,olora+"), ("lr_ratios", "1/16,1/4,4,16"), ("seeds", "0,1,2"),
-                          ("baseline", "olora"), ("protocol", "fixed"), ("selection_seeds", "first"),
-                          ("probe_fraction", "1")]:
+    for flag, default in [
+        ("methods", "olora,olora+"),
+        ("lr_ratios", "1/16,1/4,4,16"),
+        ("seeds", "0,1,2"),
+        ("baseline", "olora"),
+        ("protocol", "fixed"),
+        ("selection_seeds", "first"),
+        ("probe_fraction", "1"),
+    ]:
         assert f"[default: {default}" in helps[flag], (flag, helps[flag])
 
 
-@pytest.mark.parametrize("flags, expected", [
-    ([], {}),
-    (["--lr_ratios", "1/16,4", "--seeds", "0,1", "--methods", "olora,olora+"],
-     {"lr_ratios": [0.0625, 4.0], "seeds": [0, 1], "methods": ["olora", "olora+"]}),
-    (["--methods", "lora,lora+,olora+", "--lr_ratios", "0.25,16", "--seeds", "3", "--lrs", "1e-4,2e-4,1e-4",
-      "--baseline", "lora", "--protocol", "both", "--fixed_lr", "3e-4", "--selection_seeds", "all",
-      "--probe_fraction", "0.5"],
-     {"methods": ["lora", "lora+", "olora+"], "lr_ratios": [0.25, 16.0], "seeds": [3], "lrs": [1e-4, 2e-4],
-      "baseline": "lora", "protocol": "both", "fixed_lr": 3e-4, "selection_seeds": "all", "probe_fraction": 0.5}),
-])
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        ([], {}),
+        (
+            ["--lr_ratios", "1/16,4", "--seeds", "0,1", "--methods", "olora,olora+"],
+            {"lr_ratios": [0.0625, 4.0], "seeds": [0, 1], "methods": ["olora", "olora+"]},
+        ),
+        (
+            [
+                "--methods",
+                "lora,lora+,olora+",
+                "--lr_ratios",
+                "0.25,16",
+                "--seeds",
+                "3",
+                "--lrs",
+                "1e-4,2e-4,1e-4",
+                "--baseline",
+                "lora",
+                "--protocol",
+                "both",
+                "--fixed_lr",
+                "3e-4",
+                "--selection_seeds",
+                "all",
+                "--probe_fraction",
+                "0.5",
+            ],
+            {
+                "methods": ["lora", "lora+", "olora+"],
+                "lr_ratios": [0.25, 16.0],
+                "seeds": [3],
+                "lrs": [1e-4, 2e-4],
+                "baseline": "lora",
+                "protocol": "both",
+                "fixed_lr": 3e-4,
+                "selection_seeds": "all",
+                "probe_fraction": 0.5,
+            },
+        ),
+    ],
+)
 def test_compare_flags_parse_into_the_grid(flags, expected, monkeypatch, tmp_path):
     from oloraplus import study
     from oloraplus.grid import GridConfig
@@ -192,5 +259,8 @@ def test_compare_flags_parse_into_the_grid(flags, expected, monkeypatch, tmp_pat
     assert main(["compare", "--study_dir", str(tmp_path / "s"), "--no_report", *flags]) == 0
     assert seen["grid"] == GridConfig(**expected)
     for name, value in expected.items():  # the same types as the field's, not just equal numbers
-        assert [type(v) for v in getattr(seen["grid"], name)] == [type(v) for v in value] if isinstance(value, list) \
-            else type(getattr(seen["grid"], name)) is type(value), name
+        assert (
+            [type(v) for v in getattr(seen["grid"], name)] == [type(v) for v in value]
+            if isinstance(value, list)
+            else type(getattr(seen["grid"], name)) is type(value)
+        ), name

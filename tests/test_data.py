@@ -3,13 +3,18 @@
 import json
 
 import pytest
+from conftest import build_tokenizer
 
 from oloraplus.data import (
-    IGNORE_INDEX, PadCollator, load_records, prompt_ids, prompt_text, split_indices, tokenize_example,
+    IGNORE_INDEX,
+    PadCollator,
+    load_records,
+    prompt_ids,
+    prompt_text,
+    split_indices,
+    tokenize_example,
 )
 from oloraplus.errors import OLoRAPlusError
-
-from conftest import build_tokenizer
 
 REC = {"instruction": "Name a color.", "input": "", "output": "Blue is a color."}
 
@@ -103,7 +108,7 @@ def test_bad_records_are_named(tmp_path, content, message):
 
 
 def test_missing_file_is_named(tmp_path):
-    with pytest.raises(OLoRAPlusError, match="data file not found: .*nope.json"):
+    with pytest.raises(OLoRAPlusError, match=r"data file not found: .*nope\.json"):
         load_records(str(tmp_path / "nope.json"))
 
 

@@ -5,13 +5,12 @@ import math
 import pytest
 import sacrebleu
 import torch
+from conftest import build_tiny_llama, build_tokenizer
 from rouge_score import rouge_scorer
 
 from oloraplus.evaluate import corpus_loss, example_losses
-from oloraplus.scoring import bleu_from_statistics, score_texts
 from oloraplus.generation import generate_answers
-
-from conftest import build_tiny_llama, build_tokenizer
+from oloraplus.scoring import bleu_from_statistics, score_texts
 
 PREDS = ["The cat sat on the mat.", "Paris is the capital of France.", "Running quickly helps."]
 REFS = ["A cat was sitting on the mat.", "The capital of France is Paris.", "He runs quick."]
@@ -77,4 +76,6 @@ def test_sacrebleu_still_has_the_private_statistics_api_we_use():
     for name in ("_extract_corpus_statistics", "_compute_score_from_stats"):
         assert callable(getattr(bleu, name, None)), f"sacrebleu {sacrebleu.__version__} has no BLEU.{name}"
     stats = bleu._extract_corpus_statistics(PREDS, [REFS])
-    assert len(stats) == len(PREDS) and all(len(row) == 10 for row in stats)  # hits/totals for 1-4 grams, sys/ref length
+    assert len(stats) == len(PREDS) and all(
+        len(row) == 10 for row in stats
+    )  # hits/totals for 1-4 grams, sys/ref length

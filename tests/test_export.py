@@ -9,13 +9,12 @@ import sys
 import pytest
 import torch
 import yaml
+from conftest import build_tokenizer
 
 import oloraplus.export as export_module
 from oloraplus.cli import main
 from oloraplus.models import load_base
 from oloraplus.prepare import load_tuned
-
-from conftest import build_tokenizer
 
 TEXT = "Give three tips for staying healthy. Water boils at one hundred degrees."
 # Largest |logit difference| from the merged fp32 model on the tiny test model (logits up to ~0.7), with room
@@ -57,7 +56,9 @@ def test_merged_folder_loads_with_plain_transformers_and_gives_base_plus_adapter
     torch.save(ids, tmp_path / "ids.pt")
     proc = subprocess.run(
         [sys.executable, "-c", LOAD_PLAIN, str(out), str(tmp_path / "ids.pt"), str(tmp_path / "logits.pt")],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), logits, rtol=0, atol=1e-5)
@@ -134,8 +135,16 @@ def qwen2_run(tiny_run, tmp_path_factory):
     root = tmp_path_factory.mktemp("qwen2")
     tok = build_tokenizer()
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, eos_token_id=2, pad_token_id=2)
+    config = Qwen2Config(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
     Qwen2ForCausalLM(config).save_pretrained(root / "base")
     tok.save_pretrained(root / "base")
     run = root / "run"
@@ -154,11 +163,18 @@ BAD = [
     (["{run}"], "nothing to export: give --merged DIR and/or --gguf FILE"),
     (["{run}", "--merged", "{existing_dir}"], "{existing_dir} already exists (pass --overwrite to replace it)"),
     (["{run}", "--gguf", "{existing_file}"], "{existing_file} already exists (pass --overwrite to replace it)"),
-    (["{run}", "--gguf", "{existing_dir}", "--overwrite"], "{existing_dir} is a folder; the export writes a file there"),
-    (["{run}", "--merged", "{out}", "--gguf", "{out2}", "--gguf_type", "q3_k"],
-     "unknown GGUF type 'q3_k' (known: f32, f16, bf16, q8_0, q4_1, q4_0)"),
-    (["{qwen2}", "--merged", "{out}", "--gguf", "{out2}"],
-     "cannot export to GGUF: 'qwen2' models are not supported (Llama-architecture models only)"),
+    (
+        ["{run}", "--gguf", "{existing_dir}", "--overwrite"],
+        "{existing_dir} is a folder; the export writes a file there",
+    ),
+    (
+        ["{run}", "--merged", "{out}", "--gguf", "{out2}", "--gguf_type", "q3_k"],
+        "unknown GGUF type 'q3_k' (known: f32, f16, bf16, q8_0, q4_1, q4_0)",
+    ),
+    (
+        ["{qwen2}", "--merged", "{out}", "--gguf", "{out2}"],
+        "cannot export to GGUF: 'qwen2' models are not supported (Llama-architecture models only)",
+    ),
 ]
 
 
@@ -172,9 +188,17 @@ def test_bad_input_one_line_exit_2_nothing_written(args, message, tiny_run, qwen
     existing_dir.mkdir()
     (existing_dir / "keep.txt").write_text("keep")
     existing_file.write_bytes(b"keep")
-    names = {"missing": tmp_path / "missing", "not_a_run": tmp_path / "not_a_run", "no_adapter": no_adapter,
-             "run": tiny_run, "qwen2": qwen2_run, "out": tmp_path / "out", "out2": tmp_path / "out2.gguf",
-             "existing_dir": existing_dir, "existing_file": existing_file}
+    names = {
+        "missing": tmp_path / "missing",
+        "not_a_run": tmp_path / "not_a_run",
+        "no_adapter": no_adapter,
+        "run": tiny_run,
+        "qwen2": qwen2_run,
+        "out": tmp_path / "out",
+        "out2": tmp_path / "out2.gguf",
+        "existing_dir": existing_dir,
+        "existing_file": existing_file,
+    }
     before = sorted(p.name for p in tmp_path.iterdir())
     assert main(["export", *[a.format(**names) for a in args]]) == 2
     captured = capsys.readouterr()

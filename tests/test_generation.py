@@ -1,12 +1,11 @@
 """Greedy generation: the same tokens as transformers' generate, with finished rows dropped and a reserved cache."""
 
 import torch
+from conftest import build_tiny_llama
+from test_packing import _features
 from transformers import GenerationConfig
 
 from oloraplus.generation import ReservedLayer, greedy_decode
-
-from conftest import build_tiny_llama
-from test_packing import _features
 
 
 def test_greedy_decode_equals_generate_also_when_rows_finish_early():
@@ -38,7 +37,9 @@ def test_refilled_batch_gives_each_prompt_what_generate_gives_it_alone():
     free = greedy_decode(model, prompts, 12, eos_token_id=-1, pad_token_id=2)
     eos = free[1][1]  # rows end at different steps, so prompts join a batch that is part-way through
     finished = []
-    ours = greedy_decode(model, prompts, 12, eos_token_id=eos, pad_token_id=2, batch_size=3, on_finished=finished.append)
+    ours = greedy_decode(
+        model, prompts, 12, eos_token_id=eos, pad_token_id=2, batch_size=3, on_finished=finished.append
+    )
     assert sorted(finished) == list(range(len(prompts))) and finished != sorted(finished)
     assert len({len(row) for row in ours}) > 1
     assert ours == [_generate_one(model, p, 12, eos) for p in prompts]
@@ -61,7 +62,7 @@ def test_appended_rows_are_right_aligned_and_trimmed_padding_goes():
 
 def test_reserved_layer_holds_what_concatenation_holds_also_past_its_room():
     layer, keys, values = ReservedLayer(room=2), [], []
-    for step, width in enumerate([3, 1, 1, 1, 2, 1]):  # the fourth token outgrows the room of 2
+    for width in [3, 1, 1, 1, 2, 1]:  # the fourth token outgrows the room of 2
         k, v = torch.randn(4, 2, width, 8), torch.randn(4, 2, width, 8)
         keys.append(k)
         values.append(v)

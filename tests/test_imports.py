@@ -25,7 +25,11 @@ def import_graph() -> dict[str, set[str]]:
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             targets: list[str] = []
             if isinstance(node, ast.Import):
-                targets = [a.name.removeprefix("oloraplus").lstrip(".") for a in node.names if a.name.split(".")[0] == "oloraplus"]
+                targets = [
+                    a.name.removeprefix("oloraplus").lstrip(".")
+                    for a in node.names
+                    if a.name.split(".")[0] == "oloraplus"
+                ]
             elif isinstance(node, ast.ImportFrom):
                 if node.level:  # relative: from the module's package, up level - 1
                     base = here if is_pkg else here[:-1]
@@ -36,8 +40,9 @@ def import_graph() -> dict[str, set[str]]:
                 else:
                     continue
                 # `from oloraplus import train` names a module; `from oloraplus.x import f` names x
-                targets = [f"{mod}.{a.name}".lstrip(".") if f"{mod}.{a.name}".lstrip(".") in files else mod
-                           for a in node.names]
+                targets = [
+                    f"{mod}.{a.name}".lstrip(".") if f"{mod}.{a.name}".lstrip(".") in files else mod for a in node.names
+                ]
             graph[name].update(t for t in targets if t in files and t != name)
     return graph
 
@@ -50,7 +55,7 @@ def test_no_import_cycle():
         state[node] = "open"
         for dep in sorted(graph[node]):
             if state.get(dep) == "open":
-                cycle = path[path.index(dep):] + [dep]
+                cycle = path[path.index(dep) :] + [dep]
                 raise AssertionError(f"import cycle: {' -> '.join(cycle)}")
             if dep not in state:
                 visit(dep, path + [dep])

@@ -26,9 +26,31 @@ def test_gguf_is_dequantized_once_and_cached():
 def test_real_model_real_data_train_then_evaluate_on_original_base(alpaca_path, tmp_path):
     out = tmp_path / "run"
     args = [
-        "train", "--model", "smollm2-135m", "--data", str(alpaca_path), "--n_train", "16", "--n_test", "4",
-        "--max_steps", "2", "--batch_size", "4", "--max_new_tokens", "16", "--method", "olora+", "--lr_ratio", "4",
-        "--output_dir", str(out), "--logging_steps", "1", "--dynamics_every", "1",
+        "train",
+        "--model",
+        "smollm2-135m",
+        "--data",
+        str(alpaca_path),
+        "--n_train",
+        "16",
+        "--n_test",
+        "4",
+        "--max_steps",
+        "2",
+        "--batch_size",
+        "4",
+        "--max_new_tokens",
+        "16",
+        "--method",
+        "olora+",
+        "--lr_ratio",
+        "4",
+        "--output_dir",
+        str(out),
+        "--logging_steps",
+        "1",
+        "--dynamics_every",
+        "1",
     ]
     assert main(args) == 0
     m = json.loads((out / "metrics.json").read_text())

@@ -2,16 +2,15 @@
 
 import pytest
 import torch
+from conftest import build_tiny_llama
 from peft import LoraConfig, get_peft_model
 from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
 
-from oloraplus.data import IGNORE_INDEX, PadCollator
 from oloraplus import loss as loss_module
+from oloraplus.data import IGNORE_INDEX, PadCollator
 from oloraplus.loss import head_token_losses, response_token_losses
 from oloraplus.models import decoder_and_head
 from oloraplus.train import OLoRAPlusTrainer
-
-from conftest import build_tiny_llama
 
 
 def _batch(vocab: int) -> dict[str, torch.Tensor]:
@@ -25,7 +24,9 @@ def _batch(vocab: int) -> dict[str, torch.Tensor]:
 
 
 def _lora_llama():
-    model = get_peft_model(build_tiny_llama(97), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
+    model = get_peft_model(
+        build_tiny_llama(97), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear")
+    )
     for name, p in model.named_parameters():  # B = 0 would leave A without gradient: give both a value
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02)
@@ -42,7 +43,9 @@ def test_head_runs_only_on_labelled_positions_with_the_same_loss_and_gradients(m
     n_labelled = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     rows = []
     head_losses = loss_module.head_token_losses
-    monkeypatch.setattr(loss_module, "head_token_losses", lambda head, h, t: rows.append(h.shape[0]) or head_losses(head, h, t))
+    monkeypatch.setattr(
+        loss_module, "head_token_losses", lambda head, h, t: rows.append(h.shape[0]) or head_losses(head, h, t)
+    )
 
     model(**batch).loss.backward()
     expected, expected_grads = model(**batch).loss.detach(), _lora_grads(model)
@@ -60,7 +63,9 @@ def test_head_runs_only_on_labelled_positions_with_the_same_loss_and_gradients(m
 
 
 def test_unknown_family_falls_back_to_the_models_own_forward():
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=32, n_layer=1, n_head=2, n_positions=64)).eval()  # no dropout
+    model = GPT2LMHeadModel(
+        GPT2Config(vocab_size=97, n_embd=32, n_layer=1, n_head=2, n_positions=64)
+    ).eval()  # no dropout
     batch = _batch(97)
     assert decoder_and_head(model) is None
     token_loss, _ = response_token_losses(model, batch["input_ids"], batch["attention_mask"], batch["labels"])

@@ -4,13 +4,12 @@ import math
 
 import pytest
 import torch
+from conftest import build_tiny_llama
 from transformers import TrainingArguments
 
 from oloraplus.adapters import attach_adapter
 from oloraplus.optim import loraplus_param_groups
 from oloraplus.train import OLoRAPlusTrainer
-
-from conftest import build_tiny_llama
 
 
 def _model():
@@ -71,9 +70,31 @@ def test_plus_at_lambda_one_trains_bit_identically_to_its_parent(plain, tiny_mod
     runs = {}
     for method in (plain, plain + "+"):
         out = tmp_path / method
-        args = ["train", "--model", str(tiny_model_dir), "--data", str(small_data), "--n_train", "16", "--n_test", "2",
-                "--batch_size", "4", "--method", method, "--lr", "1e-3", "--logging_steps", "1", "--generate", "false",
-                "--precision", "fp32", "--output_dir", str(out)]
+        args = [
+            "train",
+            "--model",
+            str(tiny_model_dir),
+            "--data",
+            str(small_data),
+            "--n_train",
+            "16",
+            "--n_test",
+            "2",
+            "--batch_size",
+            "4",
+            "--method",
+            method,
+            "--lr",
+            "1e-3",
+            "--logging_steps",
+            "1",
+            "--generate",
+            "false",
+            "--precision",
+            "fp32",
+            "--output_dir",
+            str(out),
+        ]
         if method.endswith("+"):
             args += ["--lr_ratio", "1"]
         assert main(args) == 0

@@ -4,13 +4,12 @@ import json
 
 import pytest
 import torch
+from conftest import build_tiny_llama
 
 from oloraplus.cli import main
 from oloraplus.data import IGNORE_INDEX, PadCollator
 from oloraplus.loss import batch_token_losses
 from oloraplus.packing import pack, split_packed, use_packed_attention
-
-from conftest import build_tiny_llama
 
 
 def _features(lengths, prompt=3, seed=0):
@@ -26,7 +25,7 @@ def _features(lengths, prompt=3, seed=0):
 def test_pack_restarts_positions_and_masks_the_first_label_of_each_example():
     feats = _features([5, 3, 4], prompt=0)  # no prompt: only the boundary mask keeps targets inside examples
     b = pack(feats)
-    assert b["input_ids"][0].tolist() == sum((f["input_ids"] for f in feats), [])
+    assert b["input_ids"][0].tolist() == [t for f in feats for t in f["input_ids"]]
     assert b["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3]
     assert b["cu_seq_lens_q"].tolist() == [0, 5, 8, 12] and b["max_length_q"] == 5
     assert [i for i, t in enumerate(b["labels"][0].tolist()) if t == IGNORE_INDEX] == [0, 5, 8]
@@ -51,7 +50,9 @@ def test_split_packed_cuts_at_example_boundaries_and_keeps_every_token(max_token
 def _tiny_lora():
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(build_tiny_llama(97), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
+    model = get_peft_model(
+        build_tiny_llama(97), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear")
+    )
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02)
@@ -80,9 +81,31 @@ def test_packed_loss_and_gradients_equal_the_padded_batch():
 def test_packed_training_reproduces_padded_training(tiny_model_dir, small_data, tmp_path):
     """Same config, packing on or off (dropout 0, so both see the same computation): same run to 1e-4."""
     base = [
-        "train", "--model", str(tiny_model_dir), "--data", str(small_data), "--n_train", "24", "--n_test", "6",
-        "--batch_size", "8", "--max_new_tokens", "8", "--dropout", "0", "--method", "olora+", "--lr_ratio", "4",
-        "--lr", "1e-3", "--logging_steps", "1", "--precision", "fp32",
+        "train",
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(small_data),
+        "--n_train",
+        "24",
+        "--n_test",
+        "6",
+        "--batch_size",
+        "8",
+        "--max_new_tokens",
+        "8",
+        "--dropout",
+        "0",
+        "--method",
+        "olora+",
+        "--lr_ratio",
+        "4",
+        "--lr",
+        "1e-3",
+        "--logging_steps",
+        "1",
+        "--precision",
+        "fp32",
     ]
     runs = {}
     for packing, micro in (("false", "0"), ("true", "64")):  # 64 tokens: every batch trains as several packs
@@ -90,7 +113,11 @@ def test_packed_training_reproduces_padded_training(tiny_model_dir, small_data, 
         assert main([*base, "--packing", packing, "--micro_batch_tokens", micro, "--output_dir", str(out)]) == 0
         history = json.loads((out / "history.json").read_text())
         preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
-        runs[packing] = (json.loads((out / "metrics.json").read_text()), [h["loss"] for h in history if "loss" in h], preds)
+        runs[packing] = (
+            json.loads((out / "metrics.json").read_text()),
+            [h["loss"] for h in history if "loss" in h],
+            preds,
+        )
     (m0, losses0, p0), (m1, losses1, p1) = runs["false"], runs["true"]
     assert len(losses0) == 3 and losses1 == pytest.approx(losses0, rel=1e-4)
     assert m1["eval_loss"] == pytest.approx(m0["eval_loss"], rel=1e-4)
@@ -105,7 +132,13 @@ def test_packing_is_used_only_where_it_computes_the_models_own_attention():
 
     assert can_pack(build_tiny_llama(97), 512)
     assert not can_pack(GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=32, n_layer=1, n_head=2)), 512)
-    small = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                 num_key_value_heads=1)
+    small = dict(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
     assert can_pack(MistralForCausalLM(MistralConfig(**small, sliding_window=4096)), 512)
     assert not can_pack(MistralForCausalLM(MistralConfig(**small, sliding_window=256)), 512)

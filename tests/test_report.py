@@ -13,14 +13,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import SAMPLE_REFS
 
 from oloraplus.config import build_config
 from oloraplus.errors import OLoRAPlusError
 from oloraplus.report import write_report
 from oloraplus.runs import RunFolder
 from oloraplus.stats import paired_bootstrap, paired_bootstrap_bleu
-
-from conftest import SAMPLE_REFS
 
 REFS = SAMPLE_REFS
 INDICES = [3, 11, 17, 24, 30, 41, 52, 60]  # record indices of the test split, shared by all runs
@@ -29,8 +28,12 @@ RESAMPLES = 200
 
 def _base_config() -> dict:
     cfg = build_config(
-        {"model": {"name": "tiny-test-model"}, "data": {"source": "synthetic.json", "n_train": 40, "n_test": 8},
-         "adapter": {"rank": 4, "alpha": 8}, "train": {"lr": 2e-4, "logging_steps": 2, "dynamics_every": 2}}
+        {
+            "model": {"name": "tiny-test-model"},
+            "data": {"source": "synthetic.json", "n_train": 40, "n_test": 8},
+            "adapter": {"rank": 4, "alpha": 8},
+            "train": {"lr": 2e-4, "logging_steps": 2, "dynamics_every": 2},
+        }
     )
     return cfg.to_dict()
 
@@ -47,15 +50,34 @@ def _predictions(quality: str, loss: float) -> list[dict]:
     rows = []
     for k, (idx, ref, pred) in enumerate(zip(INDICES, REFS, preds)):
         per_loss = loss + 0.05 * ((k * 7) % 5 - 2)  # spread, but the same pattern for every run
-        rows.append({
-            "index": idx, "instruction": f"Say sentence {idx}.", "input": "", "reference": ref, "prediction": pred,
-            "loss": per_loss, "loss_sum": per_loss * 10, "n_tokens": 10, **rouge[k], "bleu_stats": bleu[k],
-        })
+        rows.append(
+            {
+                "index": idx,
+                "instruction": f"Say sentence {idx}.",
+                "input": "",
+                "reference": ref,
+                "prediction": pred,
+                "loss": per_loss,
+                "loss_sum": per_loss * 10,
+                "n_tokens": 10,
+                **rouge[k],
+                "bleu_stats": bleu[k],
+            }
+        )
     return rows
 
 
-def _write_run(study: Path, base: dict, method: str, lr_ratio: float, seed: int, status: str | None,
-               quality: str = "bad", loss: float = 2.0, lr: float | None = None) -> Path:
+def _write_run(
+    study: Path,
+    base: dict,
+    method: str,
+    lr_ratio: float,
+    seed: int,
+    status: str | None,
+    quality: str = "bad",
+    loss: float = 2.0,
+    lr: float | None = None,
+) -> Path:
     """One run folder; status None = unfinished (no metrics.json)."""
     lr = lr or base["train"]["lr"]
     run = RunFolder.in_study(study, f"{method}_lam{lr_ratio:g}_lr{lr:g}_seed{seed}")
@@ -66,21 +88,38 @@ def _write_run(study: Path, base: dict, method: str, lr_ratio: float, seed: int,
     cfg["output_dir"] = str(run.path)
     run.config.write_text(yaml.safe_dump(cfg))
     steps = list(range(2, 11, 2))
-    history = [{"loss": loss + 1.5 - 0.2 * i, "grad_norm": 1.0, "learning_rate": lr, "epoch": s / 10, "step": s}
-               for i, s in enumerate(steps)]
+    history = [
+        {"loss": loss + 1.5 - 0.2 * i, "grad_norm": 1.0, "learning_rate": lr, "epoch": s / 10, "step": s}
+        for i, s in enumerate(steps)
+    ]
     if status == "diverged":
         history[-1]["loss"] = float("nan")
     history.append({"train_runtime": 12.0, "step": steps[-1]})
     run.history.write_text(json.dumps(history))
-    run.dynamics.write_text("".join(
-        json.dumps({"step": s, "dA": 0.01 * s, "dB": 0.02 * s * lr_ratio, "drift": None if s == 2 else 0.001 * s}) + "\n"
-        for s in steps))
+    run.dynamics.write_text(
+        "".join(
+            json.dumps({"step": s, "dA": 0.01 * s, "dB": 0.02 * s * lr_ratio, "drift": None if s == 2 else 0.001 * s})
+            + "\n"
+            for s in steps
+        )
+    )
     if status is None:
         return run.path
     metrics = {
-        "method": method, "init": "olora", "lr_ratio": lr_ratio, "lr": lr, "seed": seed, "status": status,
-        "n_train": 40, "n_val": 0, "n_test": 8, "train_steps": 10, "train_seconds": 12.0 + seed,
-        "train_tokens": 4000, "train_tokens_per_s": 4000 / (12.0 + seed), "precision": "fp32",
+        "method": method,
+        "init": "olora",
+        "lr_ratio": lr_ratio,
+        "lr": lr,
+        "seed": seed,
+        "status": status,
+        "n_train": 40,
+        "n_val": 0,
+        "n_test": 8,
+        "train_steps": 10,
+        "train_seconds": 12.0 + seed,
+        "train_tokens": 4000,
+        "train_tokens_per_s": 4000 / (12.0 + seed),
+        "precision": "fp32",
         "final_train_loss": history[-2]["loss"],
     }
     if status == "diverged":
@@ -90,9 +129,13 @@ def _write_run(study: Path, base: dict, method: str, lr_ratio: float, seed: int,
         from oloraplus.evaluate import bleu_from_statistics
 
         metrics.update(
-            eval_loss=sum(r["loss"] for r in rows) / len(rows), bleu=bleu_from_statistics([r["bleu_stats"] for r in rows]),
+            eval_loss=sum(r["loss"] for r in rows) / len(rows),
+            bleu=bleu_from_statistics([r["bleu_stats"] for r in rows]),
             **{k: sum(r[k] for r in rows) / len(rows) for k in ("rouge1", "rouge2", "rougeL")},
-            eval_loss_seconds=1.0, generation_seconds=2.0, generated_tokens=80, generation_tokens_per_s=40.0,
+            eval_loss_seconds=1.0,
+            generation_seconds=2.0,
+            generated_tokens=80,
+            generation_tokens_per_s=40.0,
         )
         run.predictions.write_text("".join(json.dumps(r) + "\n" for r in rows))
     run.metrics.write_text(json.dumps(metrics))
@@ -135,7 +178,11 @@ def test_report_writes_every_output(built):
     for name in ("report.md", "report.html", "results.csv", "results.json"):
         assert (study / name) in paths and (study / name).is_file()
     pngs = [p for p in paths if p.suffix == ".png"]
-    assert {p.name for p in pngs} == {"train_loss_lr0.0002.png", "metrics_vs_lambda_lr0.0002.png", "dynamics_lr0.0002.png"}
+    assert {p.name for p in pngs} == {
+        "train_loss_lr0.0002.png",
+        "metrics_vs_lambda_lr0.0002.png",
+        "dynamics_lr0.0002.png",
+    }
     assert all(p.parent == study / "plots" and p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
     assert not list((study / "plots").glob(".*tmp*"))  # no temp files left behind
 
@@ -224,14 +271,16 @@ def test_user_errors_name_the_path(tmp_path: Path):
         write_report(missing)
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(OLoRAPlusError, match="study.yaml"):
+    with pytest.raises(OLoRAPlusError, match=r"study\.yaml"):
         write_report(empty)
     (empty / "study.yaml").write_text(yaml.safe_dump({"base": _base_config(), "grid": {"methods": ["olora"]}}))
     (empty / "runs" / "olora_lam1_lr0.0002_seed0").mkdir(parents=True)
     with pytest.raises(OLoRAPlusError, match="no finished runs"):
         write_report(empty)
     # the grid is read by the study's own code: what it would refuse to run, the report refuses to read
-    (empty / "study.yaml").write_text(yaml.safe_dump({"base": _base_config(), "grid": {"methods": ["olora"], "lambdas": [4]}}))
+    (empty / "study.yaml").write_text(
+        yaml.safe_dump({"base": _base_config(), "grid": {"methods": ["olora"], "lambdas": [4]}})
+    )
     with pytest.raises(OLoRAPlusError, match=r"study\.yaml.*unknown grid option.*lambdas"):
         write_report(empty)
 
@@ -260,8 +309,10 @@ def _pair_rows(method: str, seed: int) -> list[dict]:
     from oloraplus.evaluate import bleu_statistics, rouge_per_example
 
     plus = method == "olora+"
-    preds = [f"{' '.join(ref.split()[: 3 + (k + seed + plus) % 5])} answer {idx}"
-             for k, (idx, ref) in enumerate(zip(INDICES, REFS))]
+    preds = [
+        f"{' '.join(ref.split()[: 3 + (k + seed + plus) % 5])} answer {idx}"
+        for k, (idx, ref) in enumerate(zip(INDICES, REFS))
+    ]
     rouge, bleu = rouge_per_example(preds, REFS), bleu_statistics(preds, REFS)
     rows = []
     for k, idx in enumerate(INDICES):
@@ -269,9 +320,20 @@ def _pair_rows(method: str, seed: int) -> list[dict]:
         n = 4 + (7 * k + 5 * seed + 3 * plus) % 23  # answer tokens: differ by example and by run
         if plus and seed == 0 and idx == 3:  # truncation left no answer token: no loss, still scored by ROUGE/BLEU
             loss, n = None, 0
-        rows.append({"index": idx, "instruction": f"Say sentence {idx}.", "input": "", "reference": REFS[k],
-                     "prediction": preds[k], "loss": loss, "loss_sum": loss * n if n else None, "n_tokens": n,
-                     **rouge[k], "bleu_stats": bleu[k]})
+        rows.append(
+            {
+                "index": idx,
+                "instruction": f"Say sentence {idx}.",
+                "input": "",
+                "reference": REFS[k],
+                "prediction": preds[k],
+                "loss": loss,
+                "loss_sum": loss * n if n else None,
+                "n_tokens": n,
+                **rouge[k],
+                "bleu_stats": bleu[k],
+            }
+        )
     if not plus and seed == 1:
         rows = [r for r in rows if r["index"] != 60]  # an example this run never scored
     random.Random(f"{method}{seed}").shuffle(rows)
@@ -298,8 +360,11 @@ def paired(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[tuple[s
             run = RunFolder(_write_run(root, base, method, lr_ratio, seed, "finished"))
             rows = written[(method, seed)] = _pair_rows(method, seed)
             metrics = json.loads(run.metrics.read_text())
-            metrics.update(eval_loss=_token_weighted(rows), bleu=bleu_from_statistics([r["bleu_stats"] for r in rows]),
-                           **{k: sum(r[k] for r in rows) / len(rows) for k in ("rouge1", "rouge2", "rougeL")})
+            metrics.update(
+                eval_loss=_token_weighted(rows),
+                bleu=bleu_from_statistics([r["bleu_stats"] for r in rows]),
+                **{k: sum(r[k] for r in rows) / len(rows) for k in ("rouge1", "rouge2", "rougeL")},
+            )
             run.metrics.write_text(json.dumps(metrics))
             run.predictions.write_text("".join(json.dumps(r) + "\n" for r in rows))
     write_report(root, n_resamples=RESAMPLES)
@@ -326,8 +391,12 @@ def test_comparison_pairs_examples_by_index_whatever_the_row_order(paired):
     assert [r["index"] for r in written[("olora", 0)]] != [r["index"] for r in written[("olora+", 0)]]  # shuffled
     comparison = json.loads((root / "results.json").read_text())["comparisons"][0]
     assert comparison["seeds"] == comparison["baseline_seeds"] == [0, 1] and comparison["paired_by_seed"]
-    for key, example_key, higher in (("eval_loss", "loss", False), ("bleu", "bleu_stats", True),
-                                     ("rouge1", "rouge1", True), ("rougeL", "rougeL", True)):
+    for key, example_key, higher in (
+        ("eval_loss", "loss", False),
+        ("bleu", "bleu_stats", True),
+        ("rouge1", "rouge1", True),
+        ("rougeL", "rougeL", True),
+    ):
         shared, want = _expected(written, example_key, higher)
         got = comparison["metrics"][key]
         assert got["n_examples"] == len(shared), key
@@ -342,9 +411,14 @@ def test_eval_loss_difference_is_over_per_example_means_not_tokens(paired):
     root, written = paired
     runs = {k: _by_index(rows) for k, rows in written.items()}
     shared = [11, 17, 24, 30, 41, 52]
-    per_example = [sum(runs[("olora+", s)][i]["loss"] - runs[("olora", s)][i]["loss"] for s in (0, 1)) / 2 for i in shared]
-    weighted = [sum(runs[(m, s)][i]["loss_sum"] for s in (0, 1) for i in shared)
-                / sum(runs[(m, s)][i]["n_tokens"] for s in (0, 1) for i in shared) for m in ("olora+", "olora")]
+    per_example = [
+        sum(runs[("olora+", s)][i]["loss"] - runs[("olora", s)][i]["loss"] for s in (0, 1)) / 2 for i in shared
+    ]
+    weighted = [
+        sum(runs[(m, s)][i]["loss_sum"] for s in (0, 1) for i in shared)
+        / sum(runs[(m, s)][i]["n_tokens"] for s in (0, 1) for i in shared)
+        for m in ("olora+", "olora")
+    ]
     diff = json.loads((root / "results.json").read_text())["comparisons"][0]["metrics"]["eval_loss"]["diff"]
     assert abs((weighted[0] - weighted[1]) - sum(per_example) / len(shared)) > 0.01  # the two readings differ here
     assert diff == pytest.approx(sum(per_example) / len(shared), rel=1e-12)
@@ -356,8 +430,11 @@ def test_table_eval_loss_is_the_token_weighted_loss_of_each_run(paired):
     table = {t["method"]: t for t in json.loads((root / "results.json").read_text())["table"]}
     for method in ("olora", "olora+"):
         weighted = [_token_weighted(written[(method, s)]) for s in (0, 1)]
-        plain = [sum(r["loss"] for r in written[(method, s)] if r["loss"] is not None)
-                 / sum(r["loss"] is not None for r in written[(method, s)]) for s in (0, 1)]
+        plain = [
+            sum(r["loss"] for r in written[(method, s)] if r["loss"] is not None)
+            / sum(r["loss"] is not None for r in written[(method, s)])
+            for s in (0, 1)
+        ]
         assert abs(sum(weighted) - sum(plain)) > 0.01  # the fixture tells the two apart
         assert table[method]["eval_loss"]["mean"] == pytest.approx(sum(weighted) / 2, rel=1e-12)
 
@@ -399,8 +476,18 @@ def test_run_folder_knows_every_file_of_a_committed_run():
     """RunFolder names what the runs of a committed study hold (adapters are not committed)."""
     runs = Path(__file__).resolve().parents[1] / "docs" / "results" / "paper-cpu" / "runs"
     folder = RunFolder(sorted(p for p in runs.iterdir() if p.is_dir())[0])
-    known = {p.name for p in (folder.config, folder.history, folder.dynamics, folder.train_loss_plot,
-                              folder.predictions, folder.metrics, folder.adapter)}
+    known = {
+        p.name
+        for p in (
+            folder.config,
+            folder.history,
+            folder.dynamics,
+            folder.train_loss_plot,
+            folder.predictions,
+            folder.metrics,
+            folder.adapter,
+        )
+    }
     assert {p.name for p in folder.path.iterdir()} <= known
     assert folder.ended and folder.read_metrics()["status"] == "finished"
 

@@ -10,11 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SAMPLE_REFS
 
 from oloraplus import stats
 from oloraplus.stats import BETTER, UNDECIDED, WORSE
-
-from conftest import SAMPLE_REFS
 
 
 def test_t_quantiles_match_tables_and_large_df_approximation():
@@ -153,7 +152,9 @@ def test_bleu_bootstrap_uses_summed_statistics_of_the_drawn_examples():
 def test_importing_stats_loads_no_torch():
     """The report's statistics (and its BLEU bootstrap) are numbers in, numbers out: no torch behind them."""
     env = {**os.environ, "PYTHONPATH": str(Path(stats.__file__).parents[1])}
-    code = ("import sys, oloraplus.stats as s; s.paired_bootstrap_bleu([[2, 1, 1, 1, 2, 1, 1, 1, 2, 2]] * 3, "
-            "[[1, 1, 1, 1, 2, 1, 1, 1, 2, 2]] * 3, n_resamples=5); print('torch' in sys.modules)")
+    code = (
+        "import sys, oloraplus.stats as s; s.paired_bootstrap_bleu([[2, 1, 1, 1, 2, 1, 1, 1, 2, 2]] * 3, "
+        "[[1, 1, 1, 1, 2, 1, 1, 1, 2, 2]] * 3, n_resamples=5); print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
     assert out.strip() == "False"

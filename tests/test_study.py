@@ -20,9 +20,29 @@ from oloraplus.train import DivergenceCallback
 
 def _compare_args(model_dir, data, study, *extra):
     return [
-        "compare", "--model", str(model_dir), "--data", str(data), "--n_train", "16", "--n_test", "4",
-        "--batch_size", "4", "--max_new_tokens", "4", "--study_dir", str(study), "--methods", "olora,olora+",
-        "--lr_ratios", "1/4,4", "--seeds", "0", "--no_report", *extra,
+        "compare",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data),
+        "--n_train",
+        "16",
+        "--n_test",
+        "4",
+        "--batch_size",
+        "4",
+        "--max_new_tokens",
+        "4",
+        "--study_dir",
+        str(study),
+        "--methods",
+        "olora,olora+",
+        "--lr_ratios",
+        "1/4,4",
+        "--seeds",
+        "0",
+        "--no_report",
+        *extra,
     ]
 
 
@@ -31,8 +51,12 @@ def test_grid_expansion_is_seed_major_and_drops_duplicate_parents():
     grid = build_grid({"methods": ["olora", "olora+"], "lr_ratios": [0.25, 1, 4], "seeds": [0, 1]})
     ids = [s.run_id for s in expand_grid(base, grid)]
     assert ids == [
-        "olora_lam1_lr0.0002_seed0", "olora+_lam0.25_lr0.0002_seed0", "olora+_lam4_lr0.0002_seed0",
-        "olora_lam1_lr0.0002_seed1", "olora+_lam0.25_lr0.0002_seed1", "olora+_lam4_lr0.0002_seed1",
+        "olora_lam1_lr0.0002_seed0",
+        "olora+_lam0.25_lr0.0002_seed0",
+        "olora+_lam4_lr0.0002_seed0",
+        "olora_lam1_lr0.0002_seed1",
+        "olora+_lam0.25_lr0.0002_seed1",
+        "olora+_lam4_lr0.0002_seed1",
     ]
     with pytest.raises(OLoRAPlusError, match="unknown method 'dora'"):
         build_grid({"methods": ["olora", "dora"]})
@@ -72,7 +96,10 @@ def test_rerun_skips_finished_and_redoes_unfinished(tiny_model_dir, small_data, 
 def test_kill_minus_9_loses_only_the_run_in_progress(tiny_model_dir, small_data, tmp_path):
     study = tmp_path / "study"
     args = _compare_args(tiny_model_dir, small_data, study, "--n_train", "48")
-    proc = subprocess.Popen([sys.executable, "-m", "oloraplus.cli", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "oloraplus.cli", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+
     def second_run_started() -> bool:  # one run finished, the next has written its config.yaml
         return len(list(study.glob("runs/*/metrics.json"))) == 1 and len(list(study.glob("runs/*/config.yaml"))) == 2
 

@@ -6,10 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import FIXTURE
 
 from oloraplus.cli import main
-
-from conftest import FIXTURE
 
 
 def _events(run_dir):
@@ -26,17 +25,46 @@ def test_tensorboard_gets_training_loss_final_scores_method_and_lambda(tiny_mode
     from tensorboard.plugins.hparams import plugin_data_pb2
 
     out = tmp_path / "run"
-    args = ["train", "--model", str(tiny_model_dir), "--data", str(FIXTURE), "--n_train", "16", "--n_test", "4",
-            "--batch_size", "4", "--max_new_tokens", "4", "--logging_steps", "1", "--method", "olora+",
-            "--lr_ratio", "0.25", "--lr", "1e-3", "--report_to", "tensorboard", "--output_dir", str(out)]
+    args = [
+        "train",
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(FIXTURE),
+        "--n_train",
+        "16",
+        "--n_test",
+        "4",
+        "--batch_size",
+        "4",
+        "--max_new_tokens",
+        "4",
+        "--logging_steps",
+        "1",
+        "--method",
+        "olora+",
+        "--lr_ratio",
+        "0.25",
+        "--lr",
+        "1e-3",
+        "--report_to",
+        "tensorboard",
+        "--output_dir",
+        str(out),
+    ]
     assert main(args) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     events = _events(out)
 
     scalars = {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
     assert len(scalars["train/loss"]) == 4  # every logged step
-    final = {"test/loss": "eval_loss", "test/bleu": "bleu", "test/rouge1": "rouge1", "test/rouge2": "rouge2",
-             "test/rougeL": "rougeL"}
+    final = {
+        "test/loss": "eval_loss",
+        "test/bleu": "bleu",
+        "test/rouge1": "rouge1",
+        "test/rouge2": "rouge2",
+        "test/rougeL": "rougeL",
+    }
     for tag, key in final.items():
         assert scalars[tag] == [pytest.approx(metrics[key], rel=1e-6)], tag
 
@@ -54,8 +82,22 @@ def test_tensorboard_gets_training_loss_final_scores_method_and_lambda(tiny_mode
 )
 def test_a_bad_tracker_name_is_one_line_exit_2(report_to, message, tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["train", "--model", str(tiny_model_dir), "--data", str(FIXTURE), "--report_to", report_to,
-                 "--output_dir", str(out)]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                str(tiny_model_dir),
+                "--data",
+                str(FIXTURE),
+                "--report_to",
+                report_to,
+                "--output_dir",
+                str(out),
+            ]
+        )
+        == 2
+    )
     assert message in capsys.readouterr().err
     assert not out.exists()
 
@@ -65,7 +107,25 @@ def test_a_tracker_that_is_not_installed_stops_before_any_file(tiny_model_dir, t
 
     monkeypatch.setattr(transformers.integrations, "get_available_reporting_integrations", lambda: ["tensorboard"])
     out = tmp_path / "run"
-    assert main(["train", "--model", str(tiny_model_dir), "--data", str(FIXTURE), "--n_train", "16", "--n_test", "4",
-                 "--report_to", "tensorboard,mlflow", "--output_dir", str(out)]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                str(tiny_model_dir),
+                "--data",
+                str(FIXTURE),
+                "--n_train",
+                "16",
+                "--n_test",
+                "4",
+                "--report_to",
+                "tensorboard,mlflow",
+                "--output_dir",
+                str(out),
+            ]
+        )
+        == 2
+    )
     assert "tracker 'mlflow' is not installed" in capsys.readouterr().err
     assert not out.exists()

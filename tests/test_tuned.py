@@ -14,7 +14,6 @@ from oloraplus.cli import main
 from oloraplus.config import build_config
 from oloraplus.data import split_indices
 from oloraplus.errors import OLoRAPlusError
-from oloraplus.report import write_report
 from oloraplus.grid import (
     SELECTION_FILE,
     build_grid,
@@ -25,6 +24,7 @@ from oloraplus.grid import (
     probe_steps,
     selection_specs,
 )
+from oloraplus.report import write_report
 from oloraplus.study import run_selection
 
 N_TRAIN, N_TEST, VAL_FRACTION, SPLIT_SEED = 20, 4, 0.2, 42
@@ -34,12 +34,24 @@ PROBE = 0.5  # 16 training records / batch 4 = 4 full steps -> probes of 2 steps
 RESAMPLES = 200
 
 RUN_OPTIONS = {
-    "n_train": N_TRAIN, "n_test": N_TEST, "val_fraction": VAL_FRACTION, "split_seed": SPLIT_SEED,
-    "batch_size": 4, "max_new_tokens": 4, "logging_steps": 1, "dynamics_every": 2,
+    "n_train": N_TRAIN,
+    "n_test": N_TEST,
+    "val_fraction": VAL_FRACTION,
+    "split_seed": SPLIT_SEED,
+    "batch_size": 4,
+    "max_new_tokens": 4,
+    "logging_steps": 1,
+    "dynamics_every": 2,
 }
 GRID = {
-    "methods": "olora,olora+", "lr_ratios": "4", "seeds": "0,1", "lrs": ",".join(f"{lr:g}" for lr in LRS),
-    "protocol": "both", "fixed_lr": f"{FIXED_LR:g}", "probe_fraction": f"{PROBE:g}", "selection_seeds": "first",
+    "methods": "olora,olora+",
+    "lr_ratios": "4",
+    "seeds": "0,1",
+    "lrs": ",".join(f"{lr:g}" for lr in LRS),
+    "protocol": "both",
+    "fixed_lr": f"{FIXED_LR:g}",
+    "probe_fraction": f"{PROBE:g}",
+    "selection_seeds": "first",
 }
 
 
@@ -118,8 +130,10 @@ def test_chosen_lr_is_the_argmin_of_validation_loss(tuned):
     assert set(selection) == {"olora/1", "olora+/4"}
     for key, entry in selection.items():
         method, lr_ratio = key.split("/")
-        losses = {lr: _metrics(study / "runs" / f"{method}_lam{lr_ratio}_lr{lr:g}_seed0_probe{PROBE:g}")["val_loss"]
-                  for lr in LRS}
+        losses = {
+            lr: _metrics(study / "runs" / f"{method}_lam{lr_ratio}_lr{lr:g}_seed0_probe{PROBE:g}")["val_loss"]
+            for lr in LRS
+        }
         assert entry["val_loss_by_lr"] == pytest.approx({f"{lr:g}": v for lr, v in losses.items()})
         assert entry["chosen_lr"] == min(losses, key=losses.get)
         assert entry["selection_seeds"] == [0] and entry["probe_fraction"] == PROBE
@@ -150,7 +164,9 @@ def test_final_runs_cover_both_protocols_over_all_seeds(tuned):
 def test_within_a_seed_the_tuned_runs_come_before_the_fixed_ones():
     grid = build_grid(GRID)
     chosen = {"olora": 2e-2, "olora+": 3e-3}  # olora+'s lr is in neither protocol's fixed runs
-    selection = {f"{m}/{r:g}": {"method": m, "lr_ratio": r, "chosen_lr": chosen[m]} for m, r in (("olora", 1.0), ("olora+", 4.0))}
+    selection = {
+        f"{m}/{r:g}": {"method": m, "lr_ratio": r, "chosen_lr": chosen[m]} for m, r in (("olora", 1.0), ("olora+", 4.0))
+    }
     specs = final_specs(build_config(), grid, selection)
     assert len(specs) == len(set(specs)) == 2 * 4  # per seed: 2 tuned + 2 fixed runs
     for seed in (0, 1):
@@ -198,25 +214,43 @@ def test_a_method_whose_every_lr_diverged_is_shown_without_a_verdict(tuned, tmp_
 
 
 def test_choose_lrs_counts_diverged_and_nan_runs_as_infinite():
-    grid = build_grid({"methods": ["olora", "olora+"], "lr_ratios": [4], "seeds": [0, 1], "lrs": [1e-4, 2e-4, 4e-4],
-                       "protocol": "tuned", "selection_seeds": "all"})
+    grid = build_grid(
+        {
+            "methods": ["olora", "olora+"],
+            "lr_ratios": [4],
+            "seeds": [0, 1],
+            "lrs": [1e-4, 2e-4, 4e-4],
+            "protocol": "tuned",
+            "selection_seeds": "all",
+        }
+    )
 
     def m(val: float, status: str = "finished") -> dict:
         return {"status": status, "val_loss": val}
 
     runs = {
         # olora: 4e-4 is best on seed 0 but diverged on seed 1 -> +inf mean; 2e-4 wins
-        "olora_lam1_lr0.0001_seed0_select": m(3.0), "olora_lam1_lr0.0001_seed1_select": m(3.2),
-        "olora_lam1_lr0.0002_seed0_select": m(2.9), "olora_lam1_lr0.0002_seed1_select": m(2.9),
-        "olora_lam1_lr0.0004_seed0_select": m(1.0), "olora_lam1_lr0.0004_seed1_select": {"status": "diverged"},
+        "olora_lam1_lr0.0001_seed0_select": m(3.0),
+        "olora_lam1_lr0.0001_seed1_select": m(3.2),
+        "olora_lam1_lr0.0002_seed0_select": m(2.9),
+        "olora_lam1_lr0.0002_seed1_select": m(2.9),
+        "olora_lam1_lr0.0004_seed0_select": m(1.0),
+        "olora_lam1_lr0.0004_seed1_select": {"status": "diverged"},
         # olora+ lambda 4: every lr diverged or non-finite
-        "olora+_lam4_lr0.0001_seed0_select": m(float("nan"), "diverged"), "olora+_lam4_lr0.0001_seed1_select": m(2.0),
-        "olora+_lam4_lr0.0002_seed0_select": {"status": "diverged"}, "olora+_lam4_lr0.0002_seed1_select": m(2.0),
-        "olora+_lam4_lr0.0004_seed0_select": m(float("inf")), "olora+_lam4_lr0.0004_seed1_select": m(2.0),
+        "olora+_lam4_lr0.0001_seed0_select": m(float("nan"), "diverged"),
+        "olora+_lam4_lr0.0001_seed1_select": m(2.0),
+        "olora+_lam4_lr0.0002_seed0_select": {"status": "diverged"},
+        "olora+_lam4_lr0.0002_seed1_select": m(2.0),
+        "olora+_lam4_lr0.0004_seed0_select": m(float("inf")),
+        "olora+_lam4_lr0.0004_seed1_select": m(2.0),
     }
     chosen = choose_lrs(grid, runs)
     assert chosen["olora/1"]["chosen_lr"] == 2e-4
-    assert chosen["olora/1"]["val_loss_by_lr"] == {"0.0001": pytest.approx(3.1), "0.0002": pytest.approx(2.9), "0.0004": None}
+    assert chosen["olora/1"]["val_loss_by_lr"] == {
+        "0.0001": pytest.approx(3.1),
+        "0.0002": pytest.approx(2.9),
+        "0.0004": None,
+    }
     assert chosen["olora+/4"]["chosen_lr"] is None
     assert chosen["olora/1"]["selection_seeds"] == [0, 1]
     with pytest.raises(OLoRAPlusError, match="without results"):
@@ -231,13 +265,24 @@ def test_preset_paper_cpu_tuned():
     base = build_config(data)
     check_protocol(base, grid)
     assert (grid.protocol, grid.lrs, grid.probe_fraction, grid.selection_seeds, grid.seeds) == (
-        "both", [1e-4, 2e-4, 4e-4], 0.25, "first", [0, 1])
+        "both",
+        [1e-4, 2e-4, 4e-4],
+        0.25,
+        "first",
+        [0, 1],
+    )
     assert base.data.val_fraction == 0.1 and base.train.lr == 2e-4
 
 
 BAD = [
-    ({"protocol": "tuned", "lrs": None}, "protocol tuned chooses among learning rates: give lrs with at least 2 values"),
-    ({"protocol": "both", "lrs": "1e-4"}, "protocol both chooses among learning rates: give lrs with at least 2 values"),
+    (
+        {"protocol": "tuned", "lrs": None},
+        "protocol tuned chooses among learning rates: give lrs with at least 2 values",
+    ),
+    (
+        {"protocol": "both", "lrs": "1e-4"},
+        "protocol both chooses among learning rates: give lrs with at least 2 values",
+    ),
     ({"val_fraction": "0"}, "protocol both chooses the lr on validation loss: set val_fraction > 0 (e.g. 0.1)"),
     ({"protocol": "best"}, "protocol must be one of fixed, tuned, both, got 'best'"),
     ({"probe_fraction": "0"}, "probe_fraction must be in (0, 1], got 0.0"),

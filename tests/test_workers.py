@@ -34,8 +34,11 @@ HOLDER = textwrap.dedent(
 
 
 def _hold(study: Path, run_id: str, hold_s: float, finish: bool) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(study), run_id, str(hold_s), "1" if finish else "0"],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(study), run_id, str(hold_s), "1" if finish else "0"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout.readline().strip() == "claimed"
     return proc
 
@@ -82,24 +85,55 @@ def test_a_worker_skips_runs_held_elsewhere_and_waits_for_them(tmp_path, monkeyp
 def test_compare_with_two_workers_trains_each_run_once(tiny_model_dir, small_data, tmp_path, capsys):
     study = tmp_path / "study"
     args = [
-        "compare", "--model", str(tiny_model_dir), "--data", str(small_data), "--n_train", "48", "--n_test", "4",
-        "--batch_size", "4", "--max_new_tokens", "4", "--study_dir", str(study), "--methods", "olora,olora+",
-        "--lr_ratios", "1/4,4", "--seeds", "0,1", "--workers", "2",
+        "compare",
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(small_data),
+        "--n_train",
+        "48",
+        "--n_test",
+        "4",
+        "--batch_size",
+        "4",
+        "--max_new_tokens",
+        "4",
+        "--study_dir",
+        str(study),
+        "--methods",
+        "olora,olora+",
+        "--lr_ratios",
+        "1/4,4",
+        "--seeds",
+        "0,1",
+        "--workers",
+        "2",
     ]
     assert main(args) == 0
     out = capsys.readouterr().out
     metrics = list(study.glob("runs/*/metrics.json"))
     assert len(metrics) == 6
     log = (study / "workers" / "worker1.log").read_text()
-    started = [line for text in (out, log) for line in text.splitlines() if line.startswith("[test run ") and "left" in line]
+    started = [
+        line for text in (out, log) for line in text.splitlines() if line.startswith("[test run ") and "left" in line
+    ]
     assert len(started) == 6  # every run trained once, by one worker or the other
     table = [line for line in out.splitlines() if "_seed" in line and " finished " in line]
     assert len(table) == 6 and (study / "report.md").is_file()
 
 
 def test_workers_must_be_a_positive_whole_number(tiny_model_dir, small_data, tmp_path, capsys):
-    args = ["compare", "--model", str(tiny_model_dir), "--data", str(small_data), "--study_dir", str(tmp_path / "s"),
-            "--workers", "0"]
+    args = [
+        "compare",
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(small_data),
+        "--study_dir",
+        str(tmp_path / "s"),
+        "--workers",
+        "0",
+    ]
     assert main(args) == 2
     assert "--workers must be a whole number >= 1, got '0'" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()

@@ -115,14 +115,20 @@ def olora_init(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]
                 "create the adapter with the default init (init_lora_weights=True) and let olora_init set it"
             )
         if getattr(config, "use_dora", False):
-            raise OLoRAPlusError("olora_init does not support DoRA (its magnitudes depend on the base weights it changes)")
+            raise OLoRAPlusError(
+                "olora_init does not support DoRA (its magnitudes depend on the base weights it changes)"
+            )
     layers = lora_layers(model)
     if not layers:
-        raise OLoRAPlusError(f"no LoRA layers with adapter '{ADAPTER}' in the model: wrap it with peft.get_peft_model first")
+        raise OLoRAPlusError(
+            f"no LoRA layers with adapter '{ADAPTER}' in the model: wrap it with peft.get_peft_model first"
+        )
     for name, layer in layers:
         base = layer.get_base_layer()
         if not isinstance(base, nn.Linear) or not base.weight.dtype.is_floating_point:
-            raise OLoRAPlusError(f"olora_init needs plain float nn.Linear base layers; '{name}' is {type(base).__name__}")
+            raise OLoRAPlusError(
+                f"olora_init needs plain float nn.Linear base layers; '{name}' is {type(base).__name__}"
+            )
     apply_olora(model)
     return adapter_snapshot(model)
 
@@ -156,7 +162,10 @@ def attach_adapter(
 def adapter_snapshot(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Copies of each layer's (A, B), keyed by module name: the start point for dynamics and conversion."""
     return {
-        name: (layer.lora_A[ADAPTER].weight.detach().float().clone(), layer.lora_B[ADAPTER].weight.detach().float().clone())
+        name: (
+            layer.lora_A[ADAPTER].weight.detach().float().clone(),
+            layer.lora_B[ADAPTER].weight.detach().float().clone(),
+        )
         for name, layer in lora_layers(model)
     }
 

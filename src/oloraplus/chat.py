@@ -34,7 +34,9 @@ QUIT = ("/quit", "/exit")
 RESET = "/reset"
 
 
-def sampling_options(max_new_tokens: str | int, temperature: str | float, top_p: str | float) -> tuple[int, float, float]:
+def sampling_options(
+    max_new_tokens: str | int, temperature: str | float, top_p: str | float
+) -> tuple[int, float, float]:
     """The three generation flags, checked: max_new_tokens >= 1, temperature >= 0 (0 = greedy), 0 < top_p <= 1."""
     n = coerce("max_new_tokens", max_new_tokens, int)
     t = coerce("temperature", temperature, float)
@@ -67,16 +69,24 @@ class Chat:
     """A conversation with one model: `reply` streams an answer to stdout and keeps the exchange."""
 
     def __init__(
-        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_new_tokens: int = 256,
-        temperature: float = 0.0, top_p: float = 1.0,
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
     ):
         self.model, self.tokenizer = model, tokenizer
         self.messages: list[dict[str, str]] = []
         sample = temperature > 0
         self.generation = GenerationConfig(
-            max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature if sample else None,
-            top_p=top_p if sample else None, top_k=0 if sample else None,  # only the flags shape sampling
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            max_new_tokens=max_new_tokens,
+            do_sample=sample,
+            temperature=temperature if sample else None,
+            top_p=top_p if sample else None,
+            top_k=0 if sample else None,  # only the flags shape sampling
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
         )
         context = getattr(model.config, "max_position_embeddings", None)
         self.prompt_budget = max(1, context - max_new_tokens) if context else None
@@ -96,7 +106,10 @@ class Chat:
         ids = torch.tensor([self.prompt_ids(message)], device=next(self.model.parameters()).device)
         streamer = TextStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         out = self.model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=self.generation, streamer=streamer,
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            generation_config=self.generation,
+            streamer=streamer,
         )
         answer = self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
         self.messages += [{"role": "user", "content": message}, {"role": "assistant", "content": answer}]
@@ -129,8 +142,12 @@ def converse(chat: Chat) -> None:
 
 
 def run_chat(
-    run_dir: str | None, model_name: str | None, prompt: str | None, max_new_tokens: str | int = 256,
-    temperature: str | float = 0.0, top_p: str | float = 1.0,
+    run_dir: str | None,
+    model_name: str | None,
+    prompt: str | None,
+    max_new_tokens: str | int = 256,
+    temperature: str | float = 0.0,
+    top_p: str | float = 1.0,
 ) -> None:
     """`oloraplus chat`: once for --prompt or a piped prompt, else a conversation on the terminal."""
     options = sampling_options(max_new_tokens, temperature, top_p)

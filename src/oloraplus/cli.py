@@ -12,7 +12,8 @@ import dataclasses
 import importlib.resources
 import sys
 import warnings
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from oloraplus.config import SECTIONS, flat_fields
 from oloraplus.errors import OLoRAPlusError
@@ -102,6 +103,7 @@ def _study_file_data(ns: argparse.Namespace) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- commands
 
+
 def cmd_train(ns: argparse.Namespace) -> int:
     from oloraplus.config import load_config
     from oloraplus.train import run_training
@@ -113,7 +115,17 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
 
 def _print_metrics(where: str, metrics: dict[str, Any]) -> None:
-    keys = ("status", "eval_loss", "val_loss", "bleu", "rouge1", "rouge2", "rougeL", "train_tokens_per_s", "train_seconds")
+    keys = (
+        "status",
+        "eval_loss",
+        "val_loss",
+        "bleu",
+        "rouge1",
+        "rouge2",
+        "rougeL",
+        "train_tokens_per_s",
+        "train_seconds",
+    )
     shown = {k: metrics[k] for k in keys if k in metrics}
     print(f"\n{where}:")
     for k, v in shown.items():
@@ -140,7 +152,9 @@ def cmd_compare(ns: argparse.Namespace) -> int:
     grid = build_grid(grid_data, _grid_overrides(ns))
     base = build_config(data, _overrides(ns), source=ns.config or (f"preset {ns.preset}" if ns.preset else "config"))
     workers = _positive_int("workers", ns.workers)
-    rows = run_study_parallel(study_dir, base, grid, workers)  # checks the protocol against the run config before any run
+    rows = run_study_parallel(
+        study_dir, base, grid, workers
+    )  # checks the protocol against the run config before any run
     print("\n" + format_table(rows))
     if not ns.no_report:
         from oloraplus.report import write_report
@@ -208,10 +222,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=PRESETS, help="quick | paper-cpu | paper-cpu-tuned | paper (see the README)")
     p.add_argument("--config", help=f"YAML config; a 'grid' section sets {', '.join(GRID_OPTIONS)}")
     p.add_argument("--study_dir", help="study folder (resumable) [default: studies/PRESET]")
-    p.add_argument("--workers", default="1", help="processes that train runs at once: several GPUs get one each, "
-                                                  "one GPU is shared, CPU cores are split; the same command started "
-                                                  "on machines sharing the study folder also splits the runs "
-                                                  "[default: 1]")
+    p.add_argument(
+        "--workers",
+        default="1",
+        help="processes that train runs at once: several GPUs get one each, "
+        "one GPU is shared, CPU cores are split; the same command started "
+        "on machines sharing the study folder also splits the runs "
+        "[default: 1]",
+    )
     p.add_argument("--no_report", action="store_true", help="skip writing the report at the end")
     _add_grid_options(p)
     _add_run_options(p)

@@ -69,7 +69,9 @@ class DataConfig:
         flag="data",
         default_factory=default_data_source,
     )
-    n_train: int = _help("training records drawn from the data (validation, if any, is carved from these)", default=1000)
+    n_train: int = _help(
+        "training records drawn from the data (validation, if any, is carved from these)", default=1000
+    )
     n_test: int = _help("test records, disjoint from training", default=500)
     val_fraction: float = _help("fraction of the training records held out for validation (0 = none)", default=0.0)
     split_seed: int = _help("seed of the train/val/test split (fixed across training seeds)", default=42)
@@ -244,7 +246,9 @@ def coerce(name: str, value: Any, annotation: Any) -> Any:
     raise OLoRAPlusError(f"option '{name}': {value!r} is not a valid {getattr(tp, '__name__', tp)}")
 
 
-def build_config(data: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None, source: str = "config") -> RunConfig:
+def build_config(
+    data: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None, source: str = "config"
+) -> RunConfig:
     """Nested dict (from YAML) + flat overrides -> validated RunConfig."""
     data = dict(data or {})
     flat = flat_fields()

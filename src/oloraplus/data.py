@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -86,7 +87,9 @@ def _read_hub(dataset_id: str) -> list[Any]:
     try:
         ds = datasets.load_dataset(dataset_id, split="train")
     except Exception as e:  # offline, unknown id, ...: one line, not a traceback
-        raise OLoRAPlusError(f"cannot load dataset '{dataset_id}' from the hub: {str(e).splitlines()[0][:200]}") from None
+        raise OLoRAPlusError(
+            f"cannot load dataset '{dataset_id}' from the hub: {str(e).splitlines()[0][:200]}"
+        ) from None
     return [dict(r) for r in ds]
 
 
@@ -135,7 +138,9 @@ class Split:
     test: list[int]
 
 
-def split_indices(n_records: int, n_train: int, n_test: int, val_fraction: float, seed: int, source: str = "data") -> Split:
+def split_indices(
+    n_records: int, n_train: int, n_test: int, val_fraction: float, seed: int, source: str = "data"
+) -> Split:
     """Seeded permutation: test first, then the training pool (validation carved from it).
 
     The test set depends only on (seed, n_test, n_records), so changing n_train or
@@ -150,7 +155,9 @@ def split_indices(n_records: int, n_train: int, n_test: int, val_fraction: float
     pool = perm[n_test : n_test + n_train]
     n_val = int(round(val_fraction * n_train))
     if val_fraction > 0 and not 0 < n_val < n_train:
-        raise OLoRAPlusError(f"val_fraction {val_fraction} of n_train {n_train} leaves no validation or no training data")
+        raise OLoRAPlusError(
+            f"val_fraction {val_fraction} of n_train {n_train} leaves no validation or no training data"
+        )
     return Split(train=pool[n_val:], val=pool[:n_val], test=test)
 
 
@@ -212,7 +219,9 @@ def response_ids(tokenizer: PreTrainedTokenizerBase, rec: dict[str, str]) -> lis
     return tokenizer(rec["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
 
-def tokenize_example(tokenizer: PreTrainedTokenizerBase, rec: dict[str, str], max_length: int) -> dict[str, list[int]] | None:
+def tokenize_example(
+    tokenizer: PreTrainedTokenizerBase, rec: dict[str, str], max_length: int
+) -> dict[str, list[int]] | None:
     """input_ids and labels with the prompt masked; None when truncation leaves no response token."""
     p, r = prompt_ids(tokenizer, rec), response_ids(tokenizer, rec)
     ids = (p + r)[:max_length]
@@ -222,7 +231,9 @@ def tokenize_example(tokenizer: PreTrainedTokenizerBase, rec: dict[str, str], ma
     return {"input_ids": ids, "labels": labels, "length": len(ids)}
 
 
-def tokenize_records(tokenizer: PreTrainedTokenizerBase, records: list[dict[str, str]], max_length: int) -> tuple[list[dict], int]:
+def tokenize_records(
+    tokenizer: PreTrainedTokenizerBase, records: list[dict[str, str]], max_length: int
+) -> tuple[list[dict], int]:
     """Tokenized examples, and how many were dropped because the prompt filled max_length."""
     out, dropped = [], 0
     for rec in records:

@@ -25,9 +25,9 @@ from oloraplus.loss import batch_token_losses
 from oloraplus.packing import PackCollator, can_pack, use_packed_attention
 from oloraplus.precision import autocast_context, keep_freed_memory_mapped
 from oloraplus.prepare import PreparedRun
-from oloraplus.scoring import ROUGE_TYPES, score_texts
+
 # moved to scoring.py (torch-free, for stats.py); still importable from here until report's tests import them there
-from oloraplus.scoring import bleu_from_statistics, bleu_statistics, rouge_per_example  # noqa: F401
+from oloraplus.scoring import ROUGE_TYPES, bleu_from_statistics, bleu_statistics, rouge_per_example, score_texts  # noqa: F401
 
 
 @torch.no_grad()
@@ -153,8 +153,15 @@ def evaluate_run(
     keep_freed_memory_mapped()
     test = [prep.records[i] for i in prep.split.test]
     metrics, rows = evaluate_model(
-        model, prep.tokenizer, test, prep.split.test, cfg.data.max_length, prep.memory.eval_batch_size,
-        cfg.eval.max_new_tokens, prep.bf16, generate=cfg.eval.generate,
+        model,
+        prep.tokenizer,
+        test,
+        prep.split.test,
+        cfg.data.max_length,
+        prep.memory.eval_batch_size,
+        cfg.eval.max_new_tokens,
+        prep.bf16,
+        generate=cfg.eval.generate,
     )
     metrics.update(status="finished", precision="bf16" if prep.bf16 else "fp32", precision_choice=prep.precision_choice)
     atomic_write_jsonl(out / "predictions.jsonl", rows)

@@ -42,9 +42,9 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -185,8 +185,11 @@ def _pre_tokenizer_name(backend: dict, source_gguf: Path | None) -> str:
         for name, regex in GGUF_PRE_TOKENIZER_SPLITS.items():
             if regex == pattern:
                 return name
-    print("oloraplus: warning: llama.cpp does not know this tokenizer's pre-tokenizer; it will split text by its "
-          "'default' rule", file=sys.stderr)
+    print(
+        "oloraplus: warning: llama.cpp does not know this tokenizer's pre-tokenizer; it will split text by its "
+        "'default' rule",
+        file=sys.stderr,
+    )
     return "default"
 
 
@@ -237,8 +240,11 @@ def plan_gguf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, source
         else:
             tokens.append(by_id[i])
             types.append(
-                gguf.TokenType.NORMAL if i not in added
-                else gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED
+                gguf.TokenType.NORMAL
+                if i not in added
+                else gguf.TokenType.CONTROL
+                if added[i].special
+                else gguf.TokenType.USER_DEFINED
             )
     merges = [m if isinstance(m, str) else " ".join(m) for m in backend["model"].get("merges", [])]
     return GGUFPlan(names, tokens, [int(t) for t in types], merges, _pre_tokenizer_name(backend, source_gguf))
@@ -290,8 +296,12 @@ def write_gguf(
     writer.add_token_types(plan.token_types)
     if plan.merges:
         writer.add_token_merges(plan.merges)
-    for key, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
-                     ("unk", writer.add_unk_token_id), ("pad", writer.add_pad_token_id)):
+    for key, add in (
+        ("bos", writer.add_bos_token_id),
+        ("eos", writer.add_eos_token_id),
+        ("unk", writer.add_unk_token_id),
+        ("pad", writer.add_pad_token_id),
+    ):
         token_id = getattr(tokenizer, f"{key}_token_id", None)
         if token_id is not None:
             add(token_id)
@@ -326,7 +336,10 @@ def write_gguf(
 
 # ---------------------------------------------------------------- the command
 def export_run(
-    run_dir: str, merged: str | None = None, gguf_file: str | None = None, gguf_type: str = "f16",
+    run_dir: str,
+    merged: str | None = None,
+    gguf_file: str | None = None,
+    gguf_type: str = "f16",
     overwrite: bool = False,
 ) -> list[Path]:
     """`oloraplus export`: check every input, load base + adapter, then write each target; returns what was written."""

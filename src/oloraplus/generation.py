@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -116,7 +116,11 @@ def greedy_decode(
             ids, new_mask, positions = _left_padded([prompts[i] for i in start], pad_token_id, device)
             new_cache = reserved_cache(model, max_new_tokens)
             new_logits = model(
-                input_ids=ids, attention_mask=new_mask, position_ids=positions, cache=new_cache, use_cache=True,
+                input_ids=ids,
+                attention_mask=new_mask,
+                position_ids=positions,
+                cache=new_cache,
+                use_cache=True,
                 logits_to_keep=1,
             ).logits[:, -1]
             if len(rows) == 0:
@@ -154,8 +158,11 @@ def greedy_decode(
             tokens, next_position = tokens[keep], next_position[keep]
         mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
         logits = model(
-            input_ids=tokens[:, None], attention_mask=mask, position_ids=next_position[:, None],
-            cache=cache, use_cache=True,
+            input_ids=tokens[:, None],
+            attention_mask=mask,
+            position_ids=next_position[:, None],
+            cache=cache,
+            use_cache=True,
         ).logits[:, -1]
         next_position = next_position + 1
 
@@ -178,8 +185,13 @@ def generate_answers(
     progress = tqdm(total=len(records), desc="generating answers", unit="answer", leave=False)
     with autocast_context(model, bf16):
         rows = greedy_decode(
-            model, [prompts[i] for i in order], max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
-            batch_size, on_finished=lambda _: progress.update(1),
+            model,
+            [prompts[i] for i in order],
+            max_new_tokens,
+            tokenizer.eos_token_id,
+            tokenizer.pad_token_id,
+            batch_size,
+            on_finished=lambda _: progress.update(1),
         )
     progress.close()
     answers: list[str] = [""] * len(records)

@@ -51,27 +51,34 @@ class GridConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "training seeds"})
     lrs: list[float] | None = field(
         default=None,
-        metadata={"help": "base learning rates: the lr axis of protocol fixed, the candidates of protocol tuned",
-                  "default_text": "train.lr (--lr)"},
+        metadata={
+            "help": "base learning rates: the lr axis of protocol fixed, the candidates of protocol tuned",
+            "default_text": "train.lr (--lr)",
+        },
     )
     baseline: str = field(default="olora", metadata={"help": "the method every other run is compared with"})
     protocol: str = field(
         default="fixed",
-        metadata={"help": "fixed: every method at one lr; tuned: each method/lambda at the lr with the best validation "
-                          "loss (needs lrs with 2+ values and val_fraction > 0); both: the two"},
+        metadata={
+            "help": "fixed: every method at one lr; tuned: each method/lambda at the lr with the best validation "
+            "loss (needs lrs with 2+ values and val_fraction > 0); both: the two"
+        },
     )
     fixed_lr: float | None = field(
         default=None,
-        metadata={"help": "the one lr of protocol fixed when lrs are the tuned candidates",
-                  "default_text": "train.lr (--lr)"},
+        metadata={
+            "help": "the one lr of protocol fixed when lrs are the tuned candidates",
+            "default_text": "train.lr (--lr)",
+        },
     )
     selection_seeds: str = field(
         default="first", metadata={"help": "tuned: choose the lr on the first seed or on all seeds (first | all)"}
     )
     probe_fraction: float = field(
         default=1.0,
-        metadata={"help": "tuned: selection runs train this fraction of the full steps, in (0, 1] "
-                          "(1 = full-length runs)"},
+        metadata={
+            "help": "tuned: selection runs train this fraction of the full steps, in (0, 1] (1 = full-length runs)"
+        },
     )
 
     @property
@@ -351,7 +358,9 @@ def format_selection(selection: dict[str, dict[str, Any]]) -> str:
     """One line per method/lambda: its validation loss at every lr and the chosen lr."""
     lines = []
     for key, e in selection.items():
-        losses = ", ".join(f"{lr} {v:.4f}" if v is not None else f"{lr} diverged" for lr, v in e["val_loss_by_lr"].items())
+        losses = ", ".join(
+            f"{lr} {v:.4f}" if v is not None else f"{lr} diverged" for lr, v in e["val_loss_by_lr"].items()
+        )
         chosen = f"lr {e['chosen_lr']:g}" if e["chosen_lr"] is not None else "none: every lr diverged"
         lines.append(f"{key:<16} chosen {chosen}   (val loss by lr: {losses})")
     return "\n".join(lines)

@@ -76,7 +76,9 @@ def response_token_losses(
     """
     targets = labels[:, 1:]
     mask = targets != IGNORE_INDEX
-    inputs = {"input_ids": input_ids, **packed} if packed else {"input_ids": input_ids, "attention_mask": attention_mask}
+    inputs = (
+        {"input_ids": input_ids, **packed} if packed else {"input_ids": input_ids, "attention_mask": attention_mask}
+    )
     parts = decoder_and_head(model)
     if parts is None:
         logits = model(**inputs).logits[:, :-1][mask]

@@ -32,16 +32,25 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, scaling=Non
     """Causal SDPA within each packed example; transformers' SDPA when the batch is not packed."""
     cu = kwargs.get("cu_seq_lens_q")
     if cu is None or query.shape[0] != 1:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
     window = kwargs.get("sliding_window")
     bounds = cu.tolist()
     if window is not None and max(e - s for s, e in zip(bounds[:-1], bounds[1:])) > window:
-        raise NotImplementedError("packed attention does not apply sliding windows; lower max_length or turn packing off")
+        raise NotImplementedError(
+            "packed attention does not apply sliding windows; lower max_length or turn packing off"
+        )
     gqa = query.shape[1] != key.shape[1]
     parts = [
         F.scaled_dot_product_attention(
-            query[:, :, s:e], key[:, :, s:e], value[:, :, s:e],
-            dropout_p=dropout if module.training else 0.0, is_causal=True, scale=scaling, enable_gqa=gqa,
+            query[:, :, s:e],
+            key[:, :, s:e],
+            value[:, :, s:e],
+            dropout_p=dropout if module.training else 0.0,
+            is_causal=True,
+            scale=scaling,
+            enable_gqa=gqa,
         )
         for s, e in zip(bounds[:-1], bounds[1:])
     ]

@@ -10,7 +10,7 @@ import matplotlib
 import numpy as np
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
 def train_loss_curve(history: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
@@ -149,8 +149,12 @@ def metrics_vs_lambda(
         ax.axvspan(lo, 1.0, color="#4c72b0", alpha=0.06)
         ax.axvspan(1.0, hi, color="#dd8452", alpha=0.06)
         trans = ax.get_xaxis_transform()
-        ax.text(math.sqrt(lo), 0.97, "Refinement\nλ<1", transform=trans, ha="center", va="top", fontsize=7, color="#4c72b0")
-        ax.text(math.sqrt(hi), 0.97, "Exploration\nλ>1", transform=trans, ha="center", va="top", fontsize=7, color="#c55a11")
+        ax.text(
+            math.sqrt(lo), 0.97, "Refinement\nλ<1", transform=trans, ha="center", va="top", fontsize=7, color="#4c72b0"
+        )
+        ax.text(
+            math.sqrt(hi), 0.97, "Exploration\nλ>1", transform=trans, ha="center", va="top", fontsize=7, color="#c55a11"
+        )
         if base is not None and math.isfinite(base[0]):
             ax.axhline(base[0], color="black", ls="--", lw=1, label=f"{baseline_label} (λ=1)")
             if math.isfinite(base[1]):
@@ -167,7 +171,7 @@ def metrics_vs_lambda(
         ax.set_xlabel("λ (lr of B / lr of A)")
         ax.set_title(name, fontsize=10)
         ax.grid(alpha=0.3)
-    spare = list(axes.flat)[len(panels):]
+    spare = list(axes.flat)[len(panels) :]
     for ax in spare:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
@@ -232,17 +236,43 @@ def val_loss_heatmap(
         x0, x1, y0, y1 = x_edges[j], x_edges[j + 1], y_edges[i], y_edges[i + 1]
         cx, cy = math.sqrt(x0 * x1), math.sqrt(y0 * y1)  # the centre on log axes
         if finite[i, j]:
-            ax.text(cx, cy, f"{v:.3f}", ha="center", va="center", fontsize=8,
-                    bbox={"facecolor": "white", "alpha": 0.6, "lw": 0, "pad": 1})
+            ax.text(
+                cx,
+                cy,
+                f"{v:.3f}",
+                ha="center",
+                va="center",
+                fontsize=8,
+                bbox={"facecolor": "white", "alpha": 0.6, "lw": 0, "pad": 1},
+            )
         else:
-            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, facecolor="#f7e9e9", edgecolor="#d7a3a3", hatch="xx", lw=0.5))
-            ax.text(cx, cy, "× diverged", ha="center", va="center", fontsize=8, color="#a33",
-                    bbox={"facecolor": "white", "alpha": 0.85, "lw": 0, "pad": 1})
+            ax.add_patch(
+                Rectangle((x0, y0), x1 - x0, y1 - y0, facecolor="#f7e9e9", edgecolor="#d7a3a3", hatch="xx", lw=0.5)
+            )
+            ax.text(
+                cx,
+                cy,
+                "× diverged",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="#a33",
+                bbox={"facecolor": "white", "alpha": 0.85, "lw": 0, "pad": 1},
+            )
     for lam, lr in chosen.items():
         if lr is not None and lr in lrs:
             i, j = lams.index(lam), lrs.index(lr)
-            ax.add_patch(Rectangle((x_edges[j], y_edges[i]), x_edges[j + 1] - x_edges[j], y_edges[i + 1] - y_edges[i],
-                                   fill=False, edgecolor="black", lw=2.5, clip_on=False))
+            ax.add_patch(
+                Rectangle(
+                    (x_edges[j], y_edges[i]),
+                    x_edges[j + 1] - x_edges[j],
+                    y_edges[i + 1] - y_edges[i],
+                    fill=False,
+                    edgecolor="black",
+                    lw=2.5,
+                    clip_on=False,
+                )
+            )
     ax.set_xlim(x_edges[0], x_edges[-1])
     ax.set_ylim(y_edges[0], y_edges[-1])
     _fixed_ticks(ax.xaxis, lrs, [f"{lr:g}" for lr in lrs])

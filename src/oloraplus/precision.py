@@ -58,7 +58,9 @@ def resolve_precision(requested: str, model: torch.nn.Module | None = None) -> t
     supported = bf16_supported()
     if requested == "bf16":
         if not supported:
-            raise OLoRAPlusError("precision bf16 is not supported on this hardware (no native bf16 matmul); use fp32 or auto")
+            raise OLoRAPlusError(
+                "precision bf16 is not supported on this hardware (no native bf16 matmul); use fp32 or auto"
+            )
         return True, "bf16 requested"
     if not supported:
         return False, "auto: no native bf16 on this hardware"
@@ -69,7 +71,10 @@ def resolve_precision(requested: str, model: torch.nn.Module | None = None) -> t
     inner = getattr(config, "intermediate_size", 4 * hidden)
     speedup = matmul_speedup_bf16(512, hidden, inner)
     use = speedup >= BF16_MIN_SPEEDUP
-    return use, f"auto: bf16 matmul {speedup:.2f}x fp32 on this CPU (probe 512x{hidden}x{inner}); {'bf16' if use else 'fp32'}"
+    return (
+        use,
+        f"auto: bf16 matmul {speedup:.2f}x fp32 on this CPU (probe 512x{hidden}x{inner}); {'bf16' if use else 'fp32'}",
+    )
 
 
 def keep_freed_memory_mapped() -> None:

@@ -29,7 +29,12 @@ class PreparedRun:
         self.cfg = cfg
         self.records = load_records(cfg.data.source)
         self.split: Split = split_indices(
-            len(self.records), cfg.data.n_train, cfg.data.n_test, cfg.data.val_fraction, cfg.data.split_seed, cfg.data.source
+            len(self.records),
+            cfg.data.n_train,
+            cfg.data.n_test,
+            cfg.data.val_fraction,
+            cfg.data.split_seed,
+            cfg.data.source,
         )
         self.model, self.tokenizer = load_base(cfg.model.name, cfg.model.cache_dir)
         targets = cfg.adapter.target_modules or adapters.default_target_modules(self.model)
@@ -37,8 +42,14 @@ class PreparedRun:
         self.bf16, self.precision_choice = resolve_precision(cfg.model.precision, self.model)
         t, d, e = cfg.train, cfg.data, cfg.eval
         self.memory = plan_memory(
-            self.model, t.max_memory_gb, t.micro_batch_tokens, d.max_length, t.batch_size, e.eval_batch_size,
-            e.max_new_tokens, LOGITS_CHUNK_BYTES,
+            self.model,
+            t.max_memory_gb,
+            t.micro_batch_tokens,
+            d.max_length,
+            t.batch_size,
+            e.eval_batch_size,
+            e.max_new_tokens,
+            LOGITS_CHUNK_BYTES,
         )
 
 

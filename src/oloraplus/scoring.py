@@ -27,8 +27,7 @@ def bleu_from_statistics(stats: list[list[int]]) -> float:
 def rouge_per_example(predictions: list[str], references: list[str]) -> list[dict[str, float]]:
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
     return [
-        {k: float(v.fmeasure) for k, v in scorer.score(ref, pred).items()}
-        for pred, ref in zip(predictions, references)
+        {k: float(v.fmeasure) for k, v in scorer.score(ref, pred).items()} for pred, ref in zip(predictions, references)
     ]
 
 

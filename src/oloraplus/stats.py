@@ -9,8 +9,8 @@ Everything here is pure (numbers in, numbers out) so it can be tested exactly.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -19,9 +19,36 @@ from oloraplus.scoring import bleu_from_statistics
 # Two-sided 95% Student t quantiles (t_{0.975, df}) for df = 1..30; beyond that a
 # Cornish-Fisher expansion around the normal quantile is accurate to ~1e-4.
 _T975 = (
-    12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281,
-    2.2010, 2.1788, 2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860,
-    2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423,
+    12.7062,
+    4.3027,
+    3.1824,
+    2.7764,
+    2.5706,
+    2.4469,
+    2.3646,
+    2.3060,
+    2.2622,
+    2.2281,
+    2.2010,
+    2.1788,
+    2.1604,
+    2.1448,
+    2.1314,
+    2.1199,
+    2.1098,
+    2.1009,
+    2.0930,
+    2.0860,
+    2.0796,
+    2.0739,
+    2.0687,
+    2.0639,
+    2.0595,
+    2.0555,
+    2.0518,
+    2.0484,
+    2.0452,
+    2.0423,
 )
 _Z975 = 1.959964
 
@@ -179,7 +206,9 @@ def paired_bootstrap_bleu(
     b = np.asarray(baseline_stats, dtype=np.float64)
     x, b = (a[None] if a.ndim == 2 else a for a in (x, b))
     if x.ndim != 3 or b.ndim != 3 or x.shape[1] != b.shape[1]:
-        raise ValueError(f"BLEU statistics must be (seeds x examples x 10) on the same examples: {x.shape} vs {b.shape}")
+        raise ValueError(
+            f"BLEU statistics must be (seeds x examples x 10) on the same examples: {x.shape} vs {b.shape}"
+        )
     n = x.shape[1]
     if n == 0:
         return _undecidable(0)

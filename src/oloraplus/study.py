@@ -21,9 +21,10 @@ import multiprocessing
 import os
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
 
@@ -112,8 +113,11 @@ def _run_all(study_dir: Path, stage: str, specs: list[RunSpec], configs: list[Ru
     from oloraplus.train import run_training
 
     todo = [i for i, cfg in enumerate(configs) if not is_finished(cfg.output_dir)]
-    print(f"study {study_dir} ({stage}): {len(specs)} runs, {len(specs) - len(todo)} already finished, "
-          f"{len(todo)} to run", flush=True)
+    print(
+        f"study {study_dir} ({stage}): {len(specs)} runs, {len(specs) - len(todo)} already finished, "
+        f"{len(todo)} to run",
+        flush=True,
+    )
     durations: list[float] = []
     waiting_for: list[str] = []
     while todo:
@@ -123,14 +127,20 @@ def _run_all(study_dir: Path, stage: str, specs: list[RunSpec], configs: list[Ru
                 if not mine or is_finished(cfg.output_dir):  # held by, or just finished by, another worker
                     continue
                 left = sum(not is_finished(c.output_dir) for c in configs)
-                eta = f", ETA {_fmt_seconds(sum(durations) / len(durations) * left)} at this worker's pace" \
-                    if durations else ""
+                eta = (
+                    f", ETA {_fmt_seconds(sum(durations) / len(durations) * left)} at this worker's pace"
+                    if durations
+                    else ""
+                )
                 print(f"\n[{stage} run {i + 1}/{len(specs)}] {spec.run_id} ({left} left{eta})", flush=True)
                 t0 = time.perf_counter()
                 metrics = run_training(cfg, overwrite=True)
                 durations.append(time.perf_counter() - t0)
-                print(f"[{stage} run {i + 1}/{len(specs)}] {metrics['status']}{_outcome(metrics)} "
-                      f"in {_fmt_seconds(durations[-1])}", flush=True)
+                print(
+                    f"[{stage} run {i + 1}/{len(specs)}] {metrics['status']}{_outcome(metrics)} "
+                    f"in {_fmt_seconds(durations[-1])}",
+                    flush=True,
+                )
         todo = [i for i in todo if not is_finished(configs[i].output_dir)]
         held = [specs[i].run_id for i in todo]
         if held and held != waiting_for:
@@ -140,14 +150,19 @@ def _run_all(study_dir: Path, stage: str, specs: list[RunSpec], configs: list[Ru
             time.sleep(WAIT_POLL_S)
 
 
-def run_selection(study_dir: Path, base: RunConfig, grid: GridConfig, specs: list[RunSpec]) -> dict[str, dict[str, Any]]:
+def run_selection(
+    study_dir: Path, base: RunConfig, grid: GridConfig, specs: list[RunSpec]
+) -> dict[str, dict[str, Any]]:
     """Train the selection runs, choose each method/lambda's lr, write selection.json atomically."""
     _run_all(study_dir, "lr selection", specs, [spec_config(base, s, study_dir) for s in specs])
     ended = {s.run_id: m for s, m in zip(specs, _read_metrics(study_dir, specs)) if m is not None}
     selection = choose_lrs(grid, ended)
     atomic_write_json(study_dir / SELECTION_FILE, selection)
-    print(f"\nchosen learning rates (lowest validation loss; {study_dir / SELECTION_FILE}):\n"
-          f"{format_selection(selection)}", flush=True)
+    print(
+        f"\nchosen learning rates (lowest validation loss; {study_dir / SELECTION_FILE}):\n"
+        f"{format_selection(selection)}",
+        flush=True,
+    )
     return selection
 
 
@@ -223,8 +238,10 @@ def run_study_parallel(study_dir: str | Path, base: RunConfig, grid: GridConfig,
         proc = ctx.Process(target=_worker_main, args=(str(study_dir), base, grid, k, threads, gpu), daemon=False)
         proc.start()
         helpers.append(proc)
-    print(f"{workers} workers: this one and {workers - 1} helper(s), logs in {Path(study_dir) / WORKER_LOGS_DIR}",
-          flush=True)
+    print(
+        f"{workers} workers: this one and {workers - 1} helper(s), logs in {Path(study_dir) / WORKER_LOGS_DIR}",
+        flush=True,
+    )
     if len(gpus) > 1:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus[0]
     torch.set_num_threads(threads)

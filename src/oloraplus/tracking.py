@@ -43,7 +43,9 @@ def check_report_to(text: str, installed: bool = False) -> None:
         raise OLoRAPlusError(f"report_to: 'none', 'all' or tracker names joined by commas, got '{text}'")
     for name in names:
         if name != "all" and name not in INTEGRATION_TO_CALLBACK:
-            raise OLoRAPlusError(f"report_to: unknown tracker '{name}' (known: none, all, {', '.join(INTEGRATION_TO_CALLBACK)})")
+            raise OLoRAPlusError(
+                f"report_to: unknown tracker '{name}' (known: none, all, {', '.join(INTEGRATION_TO_CALLBACK)})"
+            )
         if installed and name != "all" and name not in get_available_reporting_integrations():
             raise OLoRAPlusError(f"report_to: tracker '{name}' is not installed (pip install the package of that name)")
 
@@ -66,7 +68,11 @@ class TrackerRun:
 
     def finish(self, metrics: dict[str, Any] | None = None, hparams: dict[str, Any] | None = None) -> None:
         """Log the final scores found in `metrics` (and `hparams` where the tracker has a place for them), then close."""
-        logs = {new: float(metrics[old]) for old, new in FINAL_LOGS.items() if isinstance((metrics or {}).get(old), (int, float))}
+        logs = {
+            new: float(metrics[old])
+            for old, new in FINAL_LOGS.items()
+            if isinstance((metrics or {}).get(old), (int, float))
+        }
         for cb in self.callbacks:
             del cb.on_train_end
             if logs:
@@ -88,7 +94,6 @@ def _tensorboard_hparams(cb: Any, hparams: dict[str, Any], logs: dict[str, float
     if file_writer is None:
         return
     from torch.utils.tensorboard.summary import hparams as hparams_summary
-
     from transformers.integrations import rewrite_logs
 
     metric_names = {name: 0.0 for name in rewrite_logs(logs)}  # the tags on_log just wrote

@@ -197,7 +197,9 @@ def run_training(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
     keep_freed_memory_mapped()
     out = Path(cfg.output_dir)
     if is_finished(out) and not overwrite:
-        raise OLoRAPlusError(f"{out} already holds a finished run ({METRICS_FILE}); pick another output_dir or pass --overwrite")
+        raise OLoRAPlusError(
+            f"{out} already holds a finished run ({METRICS_FILE}); pick another output_dir or pass --overwrite"
+        )
     prep = PreparedRun(cfg)  # everything validated and loaded: a bad input fails here, before any file is written
     tracking.check_report_to(cfg.train.report_to, installed=True)
     start_run_folder(out, cfg)
@@ -221,7 +223,9 @@ def run_training(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
         return metrics
     finally:  # the trackers get the final scores (if any) and close, also when evaluation failed
         a = cfg.adapter
-        trackers.finish(metrics, {"method": a.method, "lr_ratio": a.resolved_lr_ratio, "lr": cfg.train.lr, "seed": cfg.train.seed})
+        trackers.finish(
+            metrics, {"method": a.method, "lr_ratio": a.resolved_lr_ratio, "lr": cfg.train.lr, "seed": cfg.train.seed}
+        )
 
 
 def start_run_folder(out: Path, cfg: RunConfig) -> None:
@@ -276,7 +280,9 @@ def train_adapter(prep: PreparedRun, out: Path) -> TrainedAdapter:
     train_records = [prep.records[i] for i in prep.split.train]
     examples, dropped = tokenize_records(prep.tokenizer, train_records, cfg.data.max_length)
     if not examples:
-        raise OLoRAPlusError(f"every training example is longer than max_length {cfg.data.max_length} before its answer")
+        raise OLoRAPlusError(
+            f"every training example is longer than max_length {cfg.data.max_length} before its answer"
+        )
     set_seed(cfg.train.seed)
     a = cfg.adapter
     model = adapters.attach_adapter(prep.model, a.init, a.rank, a.alpha, a.dropout, a.target_modules)
@@ -357,7 +363,14 @@ def evaluate_saved_adapter(prep: PreparedRun, out: Path) -> dict[str, Any]:
         return metrics
     test = [prep.records[i] for i in split.test]
     eval_metrics, rows = evaluate_model(
-        merged, tok, test, split.test, cfg.data.max_length, batch, cfg.eval.max_new_tokens, prep.bf16,
+        merged,
+        tok,
+        test,
+        split.test,
+        cfg.data.max_length,
+        batch,
+        cfg.eval.max_new_tokens,
+        prep.bf16,
         generate=cfg.eval.generate,
     )
     atomic_write_jsonl(out / "predictions.jsonl", rows)

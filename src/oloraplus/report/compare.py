@@ -152,21 +152,30 @@ def example_columns(preds: list[dict[int, dict]], key: str) -> tuple[list[int], 
     return idx, [[p[i][key] for i in idx] for p in preds]
 
 
-def compare(x: Group, base: Group, n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0,
-            protocol: str = "fixed") -> dict[str, Any]:
+def compare(
+    x: Group, base: Group, n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0, protocol: str = "fixed"
+) -> dict[str, Any]:
     """Paired bootstrap of every metric, x − baseline, on the test examples both have (paired by seed and index)."""
     xr, br, paired = paired_runs(x, base)
     xp, bp = [r.predictions for r in xr], [r.predictions for r in br]
     out: dict[str, Any] = {
-        "protocol": protocol, "method": x.method, "lr_ratio": x.lr_ratio, "lr": x.lr, "baseline": base.method,
-        "baseline_lr_ratio": base.lr_ratio, "baseline_lr": base.lr, "seeds": [r.seed for r in xr],
-        "baseline_seeds": [r.seed for r in br], "paired_by_seed": paired, "metrics": {},
+        "protocol": protocol,
+        "method": x.method,
+        "lr_ratio": x.lr_ratio,
+        "lr": x.lr,
+        "baseline": base.method,
+        "baseline_lr_ratio": base.lr_ratio,
+        "baseline_lr": base.lr,
+        "seeds": [r.seed for r in xr],
+        "baseline_seeds": [r.seed for r in br],
+        "paired_by_seed": paired,
+        "metrics": {},
     }
     for m in METRICS:
         idx, values = example_columns(xp + bp, m.example_key)
         if not idx:
             continue
-        xv, bv = values[: len(xp)], values[len(xp):]
+        xv, bv = values[: len(xp)], values[len(xp) :]
         if m.key == "bleu":
             res = paired_bootstrap_bleu(xv, bv, n_resamples, seed)
         else:
@@ -228,8 +237,14 @@ def tuned_choices(groups: list[Group], selection: dict[str, dict[str, Any]]) -> 
     out = []
     for entry in selection.values():
         lr, method, lr_ratio = entry.get("chosen_lr"), entry["method"], float(entry["lr_ratio"])
-        match = [g for g in groups if lr is not None and g.method == method and g.lr_ratio == lr_ratio
-                 and math.isclose(g.lr, float(lr), rel_tol=1e-9)]
+        match = [
+            g
+            for g in groups
+            if lr is not None
+            and g.method == method
+            and g.lr_ratio == lr_ratio
+            and math.isclose(g.lr, float(lr), rel_tol=1e-9)
+        ]
         out.append(TunedChoice(entry, match[0] if match else None))
     return out
 

@@ -8,10 +8,12 @@ to HTML, so the two can never say different things.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Union
+from typing import Any, ClassVar
 
+from oloraplus.grid import full_steps, probe_steps
 from oloraplus.plots import lambda_label
 from oloraplus.report.compare import (
     METRICS,
@@ -25,7 +27,6 @@ from oloraplus.report.compare import (
 from oloraplus.report.load import Study
 from oloraplus.report.wording import columns, say
 from oloraplus.stats import BootstrapResult, format_mean_ci
-from oloraplus.grid import full_steps, probe_steps
 
 N_EXAMPLES = 3
 NONE = "—"  # an empty cell: nothing to show
@@ -86,13 +87,13 @@ class Figure:
     path: Path
 
 
-Block = Union[Paragraph, BulletList, Quote, Table, Figure]
+Block = Paragraph | BulletList | Quote | Table | Figure
 
 
 @dataclass(frozen=True)
 class Section:
     title: str
-    blocks: tuple[Union[Block, "Section"], ...]
+    blocks: tuple[Block | Section, ...]
     level: int = 2
 
     def flat(self) -> Iterator[Heading | Block]:
@@ -130,8 +131,15 @@ def _probe(study: Study) -> dict[str, Any]:
 
 def _protocol_item(study: Study) -> str:
     grid = study.grid
-    return say("item_protocol", fixed=study.compares_fixed, fixed_lrs=study.fixed_lrs,
-               tuned=study.compares_tuned, tuned_lrs=grid.lrs or [], selection_seeds=grid.selection_seeds, **_probe(study))
+    return say(
+        "item_protocol",
+        fixed=study.compares_fixed,
+        fixed_lrs=study.fixed_lrs,
+        tuned=study.compares_tuned,
+        tuned_lrs=grid.lrs or [],
+        selection_seeds=grid.selection_seeds,
+        **_probe(study),
+    )
 
 
 def head(study: Study) -> tuple[Block, ...]:
@@ -142,16 +150,31 @@ def head(study: Study) -> tuple[Block, ...]:
     items = (
         say("item_model", name=base.model.name),
         say("item_data", source=base.data.source, split_seed=base.data.split_seed, max_length=base.data.max_length),
-        say("item_examples", n_train=first.get("n_train", base.data.n_train), n_val=first.get("n_val", "?"),
-            n_test=first.get("n_test", base.data.n_test)),
+        say(
+            "item_examples",
+            n_train=first.get("n_train", base.data.n_train),
+            n_val=first.get("n_val", "?"),
+            n_test=first.get("n_test", base.data.n_test),
+        ),
         say("item_adapter", rank=base.adapter.rank, alpha=base.adapter.alpha, dropout=base.adapter.dropout),
-        say("item_training", lrs=grid.lrs or [base.train.lr], epochs=base.train.epochs,
-            batch_size=base.train.batch_size, precision=first.get("precision", "?")),
+        say(
+            "item_training",
+            lrs=grid.lrs or [base.train.lr],
+            epochs=base.train.epochs,
+            batch_size=base.train.batch_size,
+            precision=first.get("precision", "?"),
+        ),
         say("item_methods", methods=grid.methods, lr_ratios=grid.lr_ratios, baseline=study.baseline),
         say("item_seeds", seeds=grid.seeds),
         _protocol_item(study),
-        say("item_runs", finished=finished, diverged=len(study.runs) - finished,
-            selection_runs=len(study.selection_runs), unfinished=len(study.unfinished), total=total),
+        say(
+            "item_runs",
+            finished=finished,
+            diverged=len(study.runs) - finished,
+            selection_runs=len(study.selection_runs),
+            unfinished=len(study.unfinished),
+            total=total,
+        ),
     )
     blocks: list[Block] = [BulletList(items), Paragraph(say("test_split_untouched"))]
     if study.unfinished:
@@ -170,10 +193,16 @@ def summary_section(groups: list[Group], summary: list[dict[str, Any]]) -> Secti
     rows = []
     for g, row in zip(groups, summary):
         all_diverged = not g.finished
-        cells: list[Any] = [g.method, lambda_label(g.lr_ratio), f"{g.lr:g}",
-                            say("seeds_of", finished=len(g.finished), runs=len(g.runs))]
+        cells: list[Any] = [
+            g.method,
+            lambda_label(g.lr_ratio),
+            f"{g.lr:g}",
+            say("seeds_of", finished=len(g.finished), runs=len(g.runs)),
+        ]
         for m in METRICS:
-            cells.append(Cell(say("diverged"), "diverged") if all_diverged else format_mean_ci(row_ci(row, m.key), m.digits))
+            cells.append(
+                Cell(say("diverged"), "diverged") if all_diverged else format_mean_ci(row_ci(row, m.key), m.digits)
+            )
         cells.append(_fmt(row["train_seconds"]["mean"], ".0f"))
         cells.append(_fmt(row["train_tokens_per_s"]["mean"], ".0f"))
         cells.append(Cell(row["diverged_note"], "diverged") if row["diverged_note"] else NONE)
@@ -190,8 +219,13 @@ def _verdict_cell(res: BootstrapResult, digits: int) -> Cell:
     if not math.isfinite(res.diff):
         return Cell(res.verdict, "undecided")
     tag = {"better": "better", "worse": "worse"}.get(res.verdict, "undecided")
-    text = say("verdict_cell", diff=_signed(res.diff, digits), low=_signed(res.low, digits),
-               high=_signed(res.high, digits), verdict=res.verdict)
+    text = say(
+        "verdict_cell",
+        diff=_signed(res.diff, digits),
+        low=_signed(res.low, digits),
+        high=_signed(res.high, digits),
+        verdict=res.verdict,
+    )
     return Cell(text, tag)
 
 
@@ -217,8 +251,10 @@ def fixed_section(comparisons: list[dict[str, Any]], baseline: str, groups: list
         blocks.append(Paragraph(say("no_comparison", baseline=baseline)))
     else:
         headers = columns("fixed_columns", metrics=[m.name for m in METRICS])
-        rows = [[c["protocol"], c["method"], lambda_label(c["lr_ratio"]), f"{c['lr']:g}", _seeds_vs(c),
-                 *_verdict_cells(c)] for c in comparisons]
+        rows = [
+            [c["protocol"], c["method"], lambda_label(c["lr_ratio"]), f"{c['lr']:g}", _seeds_vs(c), *_verdict_cells(c)]
+            for c in comparisons
+        ]
         blocks.append(table(headers, rows))
     return Section(say("fixed_title", baseline=baseline), tuple(blocks))
 
@@ -239,7 +275,9 @@ def _selection_cell(by_lr: dict[float, float | None], lr: float, chosen: float |
 def selection_section(study: Study, heatmaps: list[Figure]) -> Section:
     """Protocol tuned, step 1: the validation loss of every method/λ at every lr, and the lr each chose."""
     title = say("selection_title")
-    blocks: list[Block] = [Paragraph(say("selection_intro", selection_seeds=study.grid.selection_seeds, **_probe(study)))]
+    blocks: list[Block] = [
+        Paragraph(say("selection_intro", selection_seeds=study.grid.selection_seeds, **_probe(study)))
+    ]
     if not study.selection:
         return Section(title, (*blocks, Paragraph(say("selection_pending", n=len(study.selection_runs)))))
     lrs = sorted({float(lr) for e in study.selection.values() for lr in e["val_loss_by_lr"]})
@@ -247,11 +285,14 @@ def selection_section(study: Study, heatmaps: list[Figure]) -> Section:
     for e in study.selection.values():
         by_lr = {float(lr): v for lr, v in e["val_loss_by_lr"].items()}
         chosen = e.get("chosen_lr")
-        rows.append([
-            e["method"], lambda_label(float(e["lr_ratio"])),
-            *[_selection_cell(by_lr, lr, chosen) for lr in lrs],
-            f"{chosen:g}" if chosen is not None else Cell(say("every_lr_diverged"), "diverged"),
-        ])
+        rows.append(
+            [
+                e["method"],
+                lambda_label(float(e["lr_ratio"])),
+                *[_selection_cell(by_lr, lr, chosen) for lr in lrs],
+                f"{chosen:g}" if chosen is not None else Cell(say("every_lr_diverged"), "diverged"),
+            ]
+        )
     blocks.append(table(columns("selection_columns", lrs=lrs), rows))
     return Section(title, (*blocks, *heatmaps))
 
@@ -307,7 +348,9 @@ def group_label(group: Group) -> str:
 
 def examples_section(groups: list[Group], baseline: str, n: int = N_EXAMPLES) -> Section | None:
     """A few test examples with every method's answer (first finished seed of each, one lr)."""
-    lrs = sorted(sorted({g.lr for g in groups if g.finished}), key=lambda lr: baseline_group(groups, baseline, lr) is None)
+    lrs = sorted(
+        sorted({g.lr for g in groups if g.finished}), key=lambda lr: baseline_group(groups, baseline, lr) is None
+    )
     if not lrs:
         return None
     shown = [g for g in groups if g.lr == lrs[0] and g.finished]
@@ -322,11 +365,17 @@ def examples_section(groups: list[Group], baseline: str, n: int = N_EXAMPLES) ->
         first = preds[0][1][idx]
         prompt = first.get("instruction", "") + (f"\n\n{first['input']}" if first.get("input") else "")
         rows = [[group_label(g), str(g.finished[0].seed), p[idx]["prediction"]] for g, p in preds]
-        examples.append(Section(say("example_title", index=idx), (
-            Quote(say("instruction"), prompt),
-            Quote(say("reference"), first.get("reference", "")),
-            table(columns("example_columns"), rows),
-        ), level=3))
+        examples.append(
+            Section(
+                say("example_title", index=idx),
+                (
+                    Quote(say("instruction"), prompt),
+                    Quote(say("reference"), first.get("reference", "")),
+                    table(columns("example_columns"), rows),
+                ),
+                level=3,
+            )
+        )
     return Section(say("examples_title"), (Paragraph(say("examples_intro", lr=lrs[0])), *examples))
 
 
@@ -337,13 +386,23 @@ def figures_section(figures: list[Figure]) -> Section | None:
 def unfinished_section(study: Study) -> Section | None:
     if not study.unfinished:
         return None
-    return Section(say("unfinished_title"), (Paragraph(say("unfinished_intro", n=len(study.unfinished))),
-                                             BulletList(tuple(study.unfinished))))
+    return Section(
+        say("unfinished_title"),
+        (Paragraph(say("unfinished_intro", n=len(study.unfinished))), BulletList(tuple(study.unfinished))),
+    )
 
 
-def build(study: Study, groups: list[Group], summary: list[dict[str, Any]], fixed: list[Group],
-          comparisons: list[dict[str, Any]], choices: list[TunedChoice], tuned: list[dict[str, Any]],
-          figures: list[Figure], heatmaps: list[Figure]) -> Document:
+def build(
+    study: Study,
+    groups: list[Group],
+    summary: list[dict[str, Any]],
+    fixed: list[Group],
+    comparisons: list[dict[str, Any]],
+    choices: list[TunedChoice],
+    tuned: list[dict[str, Any]],
+    figures: list[Figure],
+    heatmaps: list[Figure],
+) -> Document:
     """The whole report: what was run, results by group, the verdicts of each protocol, plots, examples, missing runs."""
     sections: list[Section | None] = [summary_section(groups, summary)]
     if study.compares_fixed:

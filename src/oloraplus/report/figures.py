@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from oloraplus import plots
 from oloraplus.config import INITS
@@ -53,26 +54,32 @@ def make_plots(study: Study, groups: list[Group], summary: list[dict[str, Any]])
         at_lr = [g for g in groups if g.lr == lr]
         where = {"lr": lr, "several": len(lrs) > 1}
         loss = {group_label(g): [_curve(r.history(), "loss") for r in g.runs] for g in at_lr}
-        figures.append(_figure(
-            out_dir / f"train_loss_{_lr_tag(lr)}.png",
-            lambda p: plots.loss_curves(loss, p, say("train_loss_title", **where)),
-            say("train_loss_caption", **where),
-        ))
+        figures.append(
+            _figure(
+                out_dir / f"train_loss_{_lr_tag(lr)}.png",
+                lambda p: plots.loss_curves(loss, p, say("train_loss_title", **where)),
+                say("train_loss_caption", **where),
+            )
+        )
         base = baseline_group(at_lr, study.baseline, lr)
         panels = lambda_panels(at_lr, [t for t in summary if t["lr"] == lr], base)
         if panels:
-            figures.append(_figure(
-                out_dir / f"metrics_vs_lambda_{_lr_tag(lr)}.png",
-                lambda p: plots.metrics_vs_lambda(panels, p, say("lambda_title", **where), study.baseline),
-                say("lambda_caption", baseline=study.baseline, **where),
-            ))
+            figures.append(
+                _figure(
+                    out_dir / f"metrics_vs_lambda_{_lr_tag(lr)}.png",
+                    lambda p: plots.metrics_vs_lambda(panels, p, say("lambda_title", **where), study.baseline),
+                    say("lambda_caption", baseline=study.baseline, **where),
+                )
+            )
         dyn = {group_label(g): _dynamics_series(g.runs) for g in at_lr}
         if any(c for d in dyn.values() for cs in d.values() for c in cs):
-            figures.append(_figure(
-                out_dir / f"dynamics_{_lr_tag(lr)}.png",
-                lambda p: plots.dynamics_curves(dyn, p, say("dynamics_title", **where)),
-                say("dynamics_caption", **where),
-            ))
+            figures.append(
+                _figure(
+                    out_dir / f"dynamics_{_lr_tag(lr)}.png",
+                    lambda p: plots.dynamics_curves(dyn, p, say("dynamics_title", **where)),
+                    say("dynamics_caption", **where),
+                )
+            )
     return figures
 
 
@@ -85,11 +92,13 @@ def tuned_lambda_plot(study: Study, choices: list[TunedChoice]) -> list[Figure]:
     panels = lambda_panels(groups, [summarize(g) for g in groups], base.group if base else None)
     if not panels:
         return []
-    return [_figure(
-        study.path / PLOTS_DIR / "metrics_vs_lambda_tuned.png",
-        lambda p: plots.metrics_vs_lambda(panels, p, say("tuned_lambda_title"), study.baseline),
-        say("tuned_lambda_caption", baseline=study.baseline),
-    )]
+    return [
+        _figure(
+            study.path / PLOTS_DIR / "metrics_vs_lambda_tuned.png",
+            lambda p: plots.metrics_vs_lambda(panels, p, say("tuned_lambda_title"), study.baseline),
+            say("tuned_lambda_caption", baseline=study.baseline),
+        )
+    ]
 
 
 def selection_heatmaps(study: Study) -> list[Figure]:
@@ -103,9 +112,11 @@ def selection_heatmaps(study: Study) -> list[Figure]:
         cells, chosen = heatmap_cells(study.selection, init)
         if not cells:
             continue
-        figures.append(_figure(
-            out_dir / f"val_loss_heatmap_{init}.png",
-            lambda p: plots.val_loss_heatmap(cells, chosen, p, say("heatmap_title", init=init)),
-            say("heatmap_caption", init=init),
-        ))
+        figures.append(
+            _figure(
+                out_dir / f"val_loss_heatmap_{init}.png",
+                lambda p: plots.val_loss_heatmap(cells, chosen, p, say("heatmap_title", init=init)),
+                say("heatmap_caption", init=init),
+            )
+        )
     return figures

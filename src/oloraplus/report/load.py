@@ -17,7 +17,6 @@ import yaml
 
 from oloraplus.config import RunConfig, build_config
 from oloraplus.errors import OLoRAPlusError
-from oloraplus.runs import RUNS_DIR, STUDY_FILE, RunFolder, run_folders
 from oloraplus.grid import (
     GridConfig,
     build_grid,
@@ -26,6 +25,7 @@ from oloraplus.grid import (
     planned_specs,
     read_selection,
 )
+from oloraplus.runs import RUNS_DIR, STUDY_FILE, RunFolder, run_folders
 
 
 @dataclass(frozen=True)
@@ -161,7 +161,13 @@ def load_study(study_dir: str | Path) -> Study:
         present = {f.run_id for f in folders}
         unfinished += [rid for rid in expected if rid not in present]
     return Study(
-        study_dir, spec, base, grid, [r for r in runs if r.kind == "test"], unfinished,
+        study_dir,
+        spec,
+        base,
+        grid,
+        [r for r in runs if r.kind == "test"],
+        unfinished,
         len(expected) if expected is not None else None,
-        selection_runs=[r for r in runs if r.kind == "selection"], selection=selection,
+        selection_runs=[r for r in runs if r.kind == "selection"],
+        selection=selection,
     )

@@ -11,10 +11,34 @@ from oloraplus.report.load import Run, Study
 from oloraplus.stats import BootstrapResult
 
 CSV_COLUMNS = (
-    "run_id", "kind", "method", "init", "lr_ratio", "lr", "seed", "status", "diverged_step", "n_train", "n_val", "n_test",
-    "train_steps", "train_seconds", "train_tokens", "train_tokens_per_s", "precision", "final_train_loss",
-    "val_loss", "eval_loss", "bleu", "rouge1", "rouge2", "rougeL", "eval_loss_seconds", "generation_seconds",
-    "generated_tokens", "generation_tokens_per_s",
+    "run_id",
+    "kind",
+    "method",
+    "init",
+    "lr_ratio",
+    "lr",
+    "seed",
+    "status",
+    "diverged_step",
+    "n_train",
+    "n_val",
+    "n_test",
+    "train_steps",
+    "train_seconds",
+    "train_tokens",
+    "train_tokens_per_s",
+    "precision",
+    "final_train_loss",
+    "val_loss",
+    "eval_loss",
+    "bleu",
+    "rouge1",
+    "rouge2",
+    "rougeL",
+    "eval_loss_seconds",
+    "generation_seconds",
+    "generated_tokens",
+    "generation_tokens_per_s",
 )
 
 
@@ -46,17 +70,29 @@ def results_csv(runs: list[Run]) -> str:
     return buf.getvalue()
 
 
-def results_json(study: Study, runs: list[Run], summary: list[dict[str, Any]], comparisons: list[dict[str, Any]],
-                 n_resamples: int, seed: int) -> dict[str, Any]:
-    return clean({
-        "study": study.spec,
-        "counts": {"finished": sum(r.finished for r in study.runs), "diverged": sum(not r.finished for r in study.runs),
-                   "unfinished": len(study.unfinished), "expected": study.expected},
-        "selection_runs": len(study.selection_runs),  # validation-only runs, not in the counts above
-        "unfinished": study.unfinished,
-        "runs": [{"run_id": r.run_id, "kind": r.kind, **r.metrics} for r in runs],
-        "table": summary,
-        "selection": study.selection,
-        "comparisons": comparisons,
-        "bootstrap": {"resamples": n_resamples, "seed": seed, "confidence": 0.95},
-    })
+def results_json(
+    study: Study,
+    runs: list[Run],
+    summary: list[dict[str, Any]],
+    comparisons: list[dict[str, Any]],
+    n_resamples: int,
+    seed: int,
+) -> dict[str, Any]:
+    return clean(
+        {
+            "study": study.spec,
+            "counts": {
+                "finished": sum(r.finished for r in study.runs),
+                "diverged": sum(not r.finished for r in study.runs),
+                "unfinished": len(study.unfinished),
+                "expected": study.expected,
+            },
+            "selection_runs": len(study.selection_runs),  # validation-only runs, not in the counts above
+            "unfinished": study.unfinished,
+            "runs": [{"run_id": r.run_id, "kind": r.kind, **r.metrics} for r in runs],
+            "table": summary,
+            "selection": study.selection,
+            "comparisons": comparisons,
+            "bootstrap": {"resamples": n_resamples, "seed": seed, "confidence": 0.95},
+        }
+    )
