@@ -149,7 +149,7 @@ def qwen2_run(tiny_run, tmp_path_factory):
     tok.save_pretrained(root / "base")
     run = root / "run"
     model = attach_adapter(Qwen2ForCausalLM.from_pretrained(root / "base"), "gaussian", 4, 8, 0.0, None)
-    save_adapter(model, run / "adapter", "gaussian", {})
+    save_adapter(model, run / "adapter", None)  # gaussian: the base is untouched, a plain save
     cfg = yaml.safe_load((tiny_run / "config.yaml").read_text())
     cfg["model"]["name"] = str(root / "base")
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
