@@ -108,6 +108,11 @@ def main() -> int:
     p.add_argument("--data", default=DEFAULT_DATA)
     p.add_argument("--before_rev", default=BEFORE_REV)
     p.add_argument("--sides", default="ours,before,baseline", help="bench_train sides [ours,before,baseline]")
+    p.add_argument(
+        "--whole_sides",
+        default="ours,before",
+        help="sides of the whole run under /usr/bin/time [ours,before]; drop `before` where it cannot fit in memory",
+    )
     p.add_argument("--layers", type=int, help="fewer decoder layers, for a quick check of the script itself")
     p.add_argument("--json", help="also write the figures to this JSON file")
     args = p.parse_args()
@@ -164,6 +169,8 @@ def main() -> int:
         before_src = extract_revision(args.before_rev, tmp / "before_tree")
         whole = {}
         for side, src in (("ours", REPO / "src"), ("before", before_src)):
+            if side not in args.whole_sides.split(","):
+                continue
             env = {**os.environ, "PYTHONPATH": str(src)}
             whole[side] = timed_run([py, "-m", "oloraplus.cli", *run_args, "--output_dir", str(tmp / side)], env)
             m = json.loads((tmp / side / "metrics.json").read_text())
@@ -176,10 +183,11 @@ def main() -> int:
             print(
                 f"  {side:<7} {wall:8.1f} s   peak RSS {gib:6.2f} GiB   train {tps:7.1f} tokens/s   test loss {loss:.4f}"
             )
-        print(
-            f"  ours/before: wall {whole['ours'][0] / whole['before'][0]:.2f}x, peak RSS "
-            f"{whole['ours'][1] / whole['before'][1]:.2f}x"
-        )
+        if {"ours", "before"} <= whole.keys():
+            print(
+                f"  ours/before: wall {whole['ours'][0] / whole['before'][0]:.2f}x, peak RSS "
+                f"{whole['ours'][1] / whole['before'][1]:.2f}x"
+            )
         if args.json:
             Path(args.json).write_text(
                 json.dumps(

@@ -150,7 +150,7 @@ class TrainConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     max_new_tokens: int = _help("longest generated answer, in tokens", default=128)
-    eval_batch_size: int = _help("generation / eval-loss batch size", default=16)
+    eval_batch_size: int = _help("generation / eval-loss batch size", default=32)
     generate: bool = _help("generate answers and score BLEU/ROUGE (off: eval loss only)", default=True)
     test: bool = _help(
         "evaluate on the test split (off for learning-rate selection runs, which must never read test data)",
