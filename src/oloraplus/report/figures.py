@@ -18,7 +18,8 @@ from oloraplus.report.compare import (
     summarize,
     tuned_baseline,
 )
-from oloraplus.report.document import Figure, group_label
+from oloraplus.report.blocks import Figure
+from oloraplus.report.document import group_label
 from oloraplus.report.load import Run, Study
 from oloraplus.report.wording import say
 
