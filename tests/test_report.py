@@ -332,6 +332,21 @@ def test_three_seeds_rest_the_verdict_on_the_seed_level(tmp_path: Path):
     assert "fewer than 3 paired seeds" not in md
 
 
+def test_unpaired_seeds_have_no_seed_level(tmp_path: Path):
+    base = _base_config()
+    root = tmp_path / "study"
+    root.mkdir()
+    grid = {"methods": ["olora", "olora+"], "lr_ratios": [4.0], "seeds": [0, 1]}
+    (root / "study.yaml").write_text(yaml.safe_dump({"base": base, "grid": grid}, sort_keys=False))
+    _write_run(root, base, "olora", 1.0, 0, "finished", "bad", 2.0)
+    _write_run(root, base, "olora+", 4.0, 1, "finished", "good", 1.5)
+    write_report(root, n_resamples=RESAMPLES)
+    c = json.loads((root / "results.json").read_text())["comparisons"][0]
+    assert not c["paired_by_seed"] and c["pairs"] == [] and c["seed_level"]["eval_loss"] is None
+    assert c["metrics"]["eval_loss"]["seed_diffs"] == [] and c["verdict_level"] == "examples"
+    assert "seeds not paired: no seed-level interval" in (root / "report.md").read_text()
+
+
 def test_pairs_that_differ_in_machine_precision_or_settings_are_listed(study: Path):
     runs = study / "runs"
 

@@ -219,6 +219,8 @@ def compare(
         res = _example_level(m, xp, bp, n_resamples, seed)
         if res is None:
             continue
+        if not paired:  # seeds that do not pair by seed have no per-seed differences
+            res = replace(res, seed_diffs=())
         out["metrics"][m.key] = res
         out["seed_level"][m.key] = seed_level(res.seed_diffs, m.higher_is_better) if paired else None
     return out
