@@ -85,7 +85,8 @@ def _first_cells(c: dict[str, Any], tuned: bool) -> list[Any]:
 
 def _level_paragraphs(comparisons: list[dict[str, Any]]) -> list[Block]:
     """How the verdicts are reached, and a warning for the rows whose verdict rests on the example level."""
-    blocks: list[Block] = [Paragraph(say("levels_intro", min_seeds=SEED_LEVEL_MIN_SEEDS))]
+    resamples = max((r.n_resamples for c in comparisons for r in c["metrics"].values()), default=0)
+    blocks: list[Block] = [Paragraph(say("levels_intro", min_seeds=SEED_LEVEL_MIN_SEEDS, resamples=resamples))]
     on_examples = sum(c["verdict_level"] == EXAMPLES for c in comparisons)
     if on_examples:
         blocks.append(
