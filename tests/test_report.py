@@ -19,7 +19,7 @@ from oloraplus.config import build_config
 from oloraplus.errors import OLoRAPlusError
 from oloraplus.report import write_report
 from oloraplus.runs import RunFolder
-from oloraplus.stats import paired_bootstrap, paired_bootstrap_bleu
+from oloraplus.stats import holm, paired_bootstrap, paired_bootstrap_bleu, paired_bootstrap_ratio, seed_level
 
 REFS = SAMPLE_REFS
 INDICES = [3, 11, 17, 24, 30, 41, 52, 60]  # record indices of the test split, shared by all runs
@@ -294,6 +294,151 @@ def test_nan_in_metrics_json_becomes_null_in_results_json(built):
     assert run["val_loss"] is None
 
 
+def test_holm_adjusts_each_metric_over_the_rows_of_one_table(built):
+    study = built[0]
+    comps = json.loads((study / "results.json").read_text())["comparisons"]
+    assert len(comps) == 2  # λ = 1/4 and λ = 4 against olora: one family
+    for key in ("eval_loss", "bleu", "rouge1"):
+        raw = [c["metrics"][key]["p_value"] for c in comps]
+        assert [c["metrics"][key]["p_holm"] for c in comps] == pytest.approx(holm(raw))
+    low = next(c for c in comps if c["lr_ratio"] == 0.25)
+    assert low["verdicts"]["eval_loss"] == {"level": "examples", "raw": "better", "holm": "better"}
+    assert low["seed_level"]["eval_loss"]["diffs"] == pytest.approx([-0.5])  # one paired seed
+    md = (study / "report.md").read_text()
+    assert "one seed: no seed-level interval" in md and "examples: Holm p" in md
+
+
+def test_three_seeds_rest_the_verdict_on_the_seed_level(tmp_path: Path):
+    """Seeds that disagree (-0.5, +0.3, +0.1): the example level is sure of the pooled gap, the seed level is not,
+    and with 3 paired seeds the verdict is the seed level's."""
+    base = _base_config()
+    root = tmp_path / "study"
+    root.mkdir()
+    grid = {"methods": ["olora", "olora+"], "lr_ratios": [4.0], "seeds": [0, 1, 2]}
+    (root / "study.yaml").write_text(yaml.safe_dump({"base": base, "grid": grid}, sort_keys=False))
+    for seed, gap in enumerate((-0.5, 0.3, 0.1)):
+        _write_run(root, base, "olora", 1.0, seed, "finished", "bad", 2.0)
+        _write_run(root, base, "olora+", 4.0, seed, "finished", "bad", 2.0 + gap)
+    write_report(root, n_resamples=RESAMPLES)
+    c = json.loads((root / "results.json").read_text())["comparisons"][0]
+    examples, seeds = c["metrics"]["eval_loss"], c["seed_level"]["eval_loss"]
+    assert examples["verdict"] == "better" and examples["high"] < 0  # every example moved by the same -0.033
+    assert seeds["diffs"] == pytest.approx([-0.5, 0.3, 0.1]) and seeds["low"] < 0 < seeds["high"]
+    assert c["verdict_level"] == "seeds"
+    assert c["verdicts"]["eval_loss"] == {"level": "seeds", "raw": "not distinguishable", "holm": "not distinguishable"}
+    md = (root / "report.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| fixed | olora+ | 4 |"))
+    assert "seed level" in row and "-0.0333 [" in row and "better" not in row
+    assert "fewer than 3 paired seeds" not in md
+
+
+def test_unpaired_seeds_have_no_seed_level(tmp_path: Path):
+    base = _base_config()
+    root = tmp_path / "study"
+    root.mkdir()
+    grid = {"methods": ["olora", "olora+"], "lr_ratios": [4.0], "seeds": [0, 1]}
+    (root / "study.yaml").write_text(yaml.safe_dump({"base": base, "grid": grid}, sort_keys=False))
+    _write_run(root, base, "olora", 1.0, 0, "finished", "bad", 2.0)
+    _write_run(root, base, "olora+", 4.0, 1, "finished", "good", 1.5)
+    write_report(root, n_resamples=RESAMPLES)
+    c = json.loads((root / "results.json").read_text())["comparisons"][0]
+    assert not c["paired_by_seed"] and c["pairs"] == [] and c["seed_level"]["eval_loss"] is None
+    assert c["metrics"]["eval_loss"]["seed_diffs"] == [] and c["verdict_level"] == "examples"
+    assert "seeds not paired: no seed-level interval" in (root / "report.md").read_text()
+
+
+def test_pairs_that_differ_in_machine_precision_or_settings_are_listed(study: Path):
+    runs = study / "runs"
+
+    def edit(run_id: str, metrics: dict | None = None, config=None) -> None:
+        folder = RunFolder(runs / run_id)
+        if metrics:
+            folder.metrics.write_text(json.dumps({**json.loads(folder.metrics.read_text()), **metrics}))
+        if config:
+            cfg = yaml.safe_load(folder.config.read_text())
+            config(cfg)
+            folder.config.write_text(yaml.safe_dump(cfg))
+
+    edit("olora_lam1_lr0.0002_seed0", {"device": "NVIDIA H200"})
+    edit("olora+_lam0.25_lr0.0002_seed0", {"device": "cpu", "precision": "bf16"}, lambda c: c["train"].pop("packing"))
+    edit("olora+_lam4_lr0.0002_seed0", {"device": None, "train_tokens_per_s": 50.0})  # 333 vs 50 tokens/s: ×6.7
+    edit("olora_lam1_lr0.0002_seed0", config=lambda c: c["adapter"].update(dropout=0.1))
+    write_report(study, n_resamples=RESAMPLES)
+    comps = {c["lr_ratio"]: c for c in json.loads((study / "results.json").read_text())["comparisons"]}
+    fields = {d["field"]: d for d in comps[0.25]["pairs"][0]["differences"]}
+    assert set(fields) == {"device", "precision", "train.packing", "adapter.dropout"}
+    assert (fields["device"]["run"], fields["device"]["baseline"]) == ("cpu", "NVIDIA H200")
+    assert fields["train.packing"]["run"] is None and fields["train.packing"]["baseline"] is True
+    far = {d["field"]: d for d in comps[4.0]["pairs"][0]["differences"]}
+    assert set(far) == {"device", "adapter.dropout"} and far["device"]["throughputs"] == pytest.approx(
+        [50.0, 4000 / 12]
+    )
+    md = (study / "report.md").read_text()
+    assert "## Are the paired runs alike?" in md and "0 of 2 pair(s) alike" in md
+    assert "device: cpu vs NVIDIA H200" in md and "precision: bf16 vs fp32" in md
+    assert "train.packing: not recorded vs true" in md and "adapter.dropout: 0 vs 0.1" in md
+    assert "50 vs 333 tokens/s (×7 apart): different machine kinds" in md
+    assert "1 vs 1, 1 pair(s) not alike" in md
+
+
+def test_pairs_that_differ_only_in_the_compared_settings_are_alike(built):
+    comps = json.loads((built[0] / "results.json").read_text())["comparisons"]
+    assert all(p["differences"] == [] for c in comps for p in c["pairs"])  # method, λ, seed and folder differ
+    assert "2 of 2 pair(s) alike" in (built[0] / "report.md").read_text()
+
+
+# --- the records' own texts ------------------------------------------------------------------------------------------
+
+
+def _study_with_data_file(root: Path, n_records: int = 64) -> tuple[Path, Path, list[int]]:
+    """The usual study, its runs scoring the records of a real data file's test split, their rows without texts."""
+    from oloraplus.records import split_indices
+
+    data = root / "alpaca.json"
+    root.mkdir(parents=True)
+    records = [{"instruction": f"Instruction of record {i}.", "input": "", "output": f"Answer {i}."} for i in range(64)]
+    data.write_text(json.dumps(records[:n_records]))
+    test = split_indices(64, 40, 8, 0.0, 42).test
+    study = _make_study(root / "study")
+    spec = yaml.safe_load((study / "study.yaml").read_text())
+    spec["base"]["data"]["source"] = str(data)
+    (study / "study.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    to_test = dict(zip(INDICES, test))
+    for path in study.glob("runs/*/predictions.jsonl"):
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        stripped = [{**{k: v for k, v in r.items() if k not in ("instruction", "input", "reference")}} for r in rows]
+        path.write_text("".join(json.dumps({**r, "index": to_test[r["index"]]}) + "\n" for r in stripped))
+    return study, data, test
+
+
+def test_examples_quote_the_data_file_by_record_index_and_nothing_without_it(tmp_path: Path):
+    study, data, test = _study_with_data_file(tmp_path / "a")
+    md = write_report(study, n_resamples=RESAMPLES)[0].read_text()
+    shown = [int(i) for i in re.findall(r"^### Test example (\d+)$", md, flags=re.M)]
+    assert shown and set(shown) <= set(test)
+    for idx in shown:
+        assert f"> Instruction of record {idx}." in md and f"> Answer {idx}." in md
+    assert f"quoted from {data}" in md
+    md = write_report(study, n_resamples=RESAMPLES, record_texts_from_data=False)[0].read_text()
+    assert "Instruction of record" not in md and "Answer " not in md and "**Instruction:**" not in md
+    assert "the report quotes nothing from the data" in md and len(re.findall(r"^### Test example", md, re.M)) == 3
+    data.unlink()
+    md = write_report(study, n_resamples=RESAMPLES)[0].read_text()
+    assert "Instruction of record" not in md and f"the data file {data} is not here" in md
+
+
+def test_a_data_file_that_is_not_the_runs_file_is_refused_or_left_out(tmp_path: Path):
+    study, data, _ = _study_with_data_file(tmp_path / "b", n_records=20)  # too few records for the runs' split
+    md = write_report(study, n_resamples=RESAMPLES)[0].read_text()
+    assert "Instruction of record" not in md and "is not the runs' data file" in md
+    before = (study / "report.md").read_text()
+    from oloraplus.cli import main
+
+    assert main(["report", str(study), "--data", str(data)]) == 2  # named on purpose: an error, nothing written
+    assert main(["report", str(study), "--data", str(tmp_path / "nope.json")]) == 2
+    assert (study / "report.md").read_text() == before
+
+
 # --- pairing and token weighting ----------------------------------------------------------------------------------
 #
 # Runs whose predictions.jsonl rows come in a different order each, with a different number of answer tokens per
@@ -376,11 +521,19 @@ def _by_index(rows: list[dict]) -> dict[int, dict]:
 
 
 def _expected(written: dict, key: str, higher_is_better: bool):
-    """The paired bootstrap on columns assembled by example index, over the examples every run has a value for."""
+    """The paired bootstrap on columns assembled by example index, over the examples every run has a value for;
+    the loss as Σ loss_sum / Σ n_tokens of each run."""
     runs = {k: _by_index(rows) for k, rows in written.items()}
     shared = sorted(set.intersection(*({i for i, r in rows.items() if r[key] is not None} for rows in runs.values())))
-    x = [[runs[("olora+", s)][i][key] for i in shared] for s in (0, 1)]
-    b = [[runs[("olora", s)][i][key] for i in shared] for s in (0, 1)]
+
+    def cols(method: str, field: str) -> list[list]:
+        return [[runs[(method, s)][i][field] for i in shared] for s in (0, 1)]
+
+    if key == "loss":
+        x, b = (cols(m, "loss_sum") for m in ("olora+", "olora"))
+        xn, bn = (cols(m, "n_tokens") for m in ("olora+", "olora"))
+        return shared, paired_bootstrap_ratio(x, xn, b, bn, False, RESAMPLES, 0)
+    x, b = cols("olora+", key), cols("olora", key)
     if key == "bleu_stats":
         return shared, paired_bootstrap_bleu(x, b, RESAMPLES, 0)
     return shared, paired_bootstrap(x, b, higher_is_better, RESAMPLES, 0)
@@ -401,27 +554,53 @@ def test_comparison_pairs_examples_by_index_whatever_the_row_order(paired):
         got = comparison["metrics"][key]
         assert got["n_examples"] == len(shared), key
         assert (got["diff"], got["low"], got["high"]) == pytest.approx((want.diff, want.low, want.high), rel=1e-12), key
-        assert got["verdict"] == want.verdict
+        assert got["verdict"] == want.verdict and got["p_value"] == pytest.approx(want.p_value, rel=1e-12)
+        assert got["seed_diffs"] == pytest.approx(want.seed_diffs, rel=1e-12), key
     # index 60 (missing from one run) is in no comparison; index 3 (no answer token in one run) only has no loss
     assert comparison["metrics"]["eval_loss"]["n_examples"] == 6 and comparison["metrics"]["rouge1"]["n_examples"] == 7
 
 
-def test_eval_loss_difference_is_over_per_example_means_not_tokens(paired):
-    """What the report says: the Δ eval loss averages per-example mean losses; token counts do not weight it."""
+def _weighted_on(rows: dict[int, dict], shared: list[int]) -> float:
+    return sum(rows[i]["loss_sum"] for i in shared) / sum(rows[i]["n_tokens"] for i in shared)
+
+
+def test_eval_loss_difference_is_token_weighted_per_run_not_a_mean_of_example_losses(paired):
+    """Δ eval loss: each run's Σ loss_sum / Σ n_tokens on the shared examples, averaged over seeds, method − baseline;
+    the report says so. A plain mean of per-example losses gives a different number on this fixture."""
     root, written = paired
     runs = {k: _by_index(rows) for k, rows in written.items()}
     shared = [11, 17, 24, 30, 41, 52]
+    per_seed = [_weighted_on(runs[("olora+", s)], shared) - _weighted_on(runs[("olora", s)], shared) for s in (0, 1)]
     per_example = [
         sum(runs[("olora+", s)][i]["loss"] - runs[("olora", s)][i]["loss"] for s in (0, 1)) / 2 for i in shared
     ]
-    weighted = [
-        sum(runs[(m, s)][i]["loss_sum"] for s in (0, 1) for i in shared)
-        / sum(runs[(m, s)][i]["n_tokens"] for s in (0, 1) for i in shared)
-        for m in ("olora+", "olora")
-    ]
-    diff = json.loads((root / "results.json").read_text())["comparisons"][0]["metrics"]["eval_loss"]["diff"]
-    assert abs((weighted[0] - weighted[1]) - sum(per_example) / len(shared)) > 0.01  # the two readings differ here
-    assert diff == pytest.approx(sum(per_example) / len(shared), rel=1e-12)
+    comparison = json.loads((root / "results.json").read_text())["comparisons"][0]
+    diff = comparison["metrics"]["eval_loss"]["diff"]
+    assert abs(sum(per_seed) / 2 - sum(per_example) / len(shared)) > 0.01  # the two readings differ here
+    assert diff == pytest.approx(sum(per_seed) / 2, rel=1e-12)
+    assert comparison["seed_level"]["eval_loss"]["diffs"] == pytest.approx(per_seed, rel=1e-12)
+    md = (root / "report.md").read_text()
+    assert "The eval loss is token-weighted everywhere" in md and "response tokens (+ EOS)" in md
+
+
+def test_seed_level_is_the_t_test_of_the_per_seed_differences(paired):
+    root = paired[0]
+    comparison = json.loads((root / "results.json").read_text())["comparisons"][0]
+    for key, higher in (("eval_loss", False), ("rouge1", True), ("bleu", True)):
+        per_seed = comparison["metrics"][key]["seed_diffs"]
+        want = seed_level(per_seed, higher)
+        got = comparison["seed_level"][key]
+        assert len(per_seed) == 2 and got["diffs"] == pytest.approx(per_seed)
+        assert (got["mean"], got["low"], got["high"], got["p_value"]) == pytest.approx(
+            (want.mean, want.low, want.high, want.p_value), rel=1e-12
+        )
+        assert got["mean"] == pytest.approx(comparison["metrics"][key]["diff"], rel=1e-9)  # one estimate, two levels
+    # two paired seeds: the verdicts rest on the example level, and the report says why
+    assert comparison["verdict_level"] == "examples"
+    assert all(v["level"] == "examples" for v in comparison["verdicts"].values())
+    md = (root / "report.md").read_text()
+    assert "1 of 1 row(s) have fewer than 3 paired seeds" in md
+    assert "### Δ eval loss, both levels (protocol fixed)" in md
 
 
 def test_table_eval_loss_is_the_token_weighted_loss_of_each_run(paired):
@@ -457,11 +636,12 @@ def test_markdown_and_html_say_the_same_words(paired):
     from oloraplus.report.compare import group_runs
     from oloraplus.report.document import BulletList, Heading, Paragraph, Table, examples_section, head
     from oloraplus.report.load import load_study
+    from oloraplus.report.texts import record_texts
 
     root = paired[0]
     md, page = (root / "report.md").read_text(), html.unescape((root / "report.html").read_text())
     study = load_study(root)
-    blocks = [*head(study), *examples_section(group_runs(study), study.baseline).flat()]
+    blocks = [*head(study), *examples_section(group_runs(study), study.baseline, record_texts(study)).flat()]
     texts = [b.text for b in blocks if isinstance(b, (Heading, Paragraph))]
     texts += [item for b in blocks if isinstance(b, BulletList) for item in b.items]
     texts += [c.text for b in blocks if isinstance(b, Table) for row in b.rows for c in row if "\n" not in c.text]

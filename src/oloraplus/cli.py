@@ -176,7 +176,7 @@ def _positive_int(name: str, value: Any) -> int:
 def cmd_report(ns: argparse.Namespace) -> int:
     from oloraplus.report import write_report
 
-    paths = write_report(ns.study_dir)
+    paths = write_report(ns.study_dir, data=ns.data, record_texts_from_data=not ns.no_record_texts)
     print("\n".join(str(p) for p in paths))
     return 0
 
@@ -237,6 +237,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="write report.md/html, results.csv/json and plots for a study folder")
     p.add_argument("study_dir", help="a folder made by `compare`")
+    p.add_argument(
+        "--data",
+        help="the data file the runs were trained on, to quote the examples' instructions and references "
+        "[default: the data.source of study.yaml, when that file is there]",
+    )
+    p.add_argument(
+        "--no_record_texts",
+        action="store_true",
+        help="quote nothing from the data file (for a report to commit or share: Alpaca is CC BY-NC)",
+    )
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("chat", help="talk to a run's model (base + adapter, the run's prompt format), tokens streamed")

@@ -15,11 +15,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from oloraplus import adapters
 from oloraplus.budget import plan_memory
 from oloraplus.config import RunConfig, load_config
-from oloraplus.data import Split, load_records, split_indices
 from oloraplus.errors import OLoRAPlusError
 from oloraplus.loss import LOGITS_CHUNK_BYTES
 from oloraplus.models import load_base
 from oloraplus.precision import resolve_precision
+from oloraplus.records import Split, load_records, split_indices
 
 
 class PreparedRun:

@@ -1,9 +1,12 @@
-"""Statistics for the study report: mean ± 95% CI over seeds and a paired bootstrap over test examples.
+"""Statistics for the study report: mean ± 95% CI over seeds, and paired comparisons at two levels.
 
-Seeds tell how much a method's score moves with the training randomness; the
-paired bootstrap tells whether the gap between two methods on the SAME test
-examples is larger than what the choice of test examples alone would produce.
-Everything here is pure (numbers in, numbers out) so it can be tested exactly.
+Example level: the paired bootstrap tells whether the gap between two methods on
+the SAME test examples is larger than what the choice of test examples alone
+would produce (for these trained adapters). Seed level: a paired t test over the
+per-seed differences tells whether it is larger than what the training
+randomness alone would produce. Holm's step-down correction adjusts the p-values
+of a family of comparisons (several λ against one baseline). Everything here is
+pure (numbers in, numbers out) so it can be tested exactly.
 """
 
 from __future__ import annotations
@@ -18,38 +21,13 @@ from oloraplus.scoring import bleu_from_statistics
 
 # Two-sided 95% Student t quantiles (t_{0.975, df}) for df = 1..30; beyond that a
 # Cornish-Fisher expansion around the normal quantile is accurate to ~1e-4.
+# fmt: off
 _T975 = (
-    12.7062,
-    4.3027,
-    3.1824,
-    2.7764,
-    2.5706,
-    2.4469,
-    2.3646,
-    2.3060,
-    2.2622,
-    2.2281,
-    2.2010,
-    2.1788,
-    2.1604,
-    2.1448,
-    2.1314,
-    2.1199,
-    2.1098,
-    2.1009,
-    2.0930,
-    2.0860,
-    2.0796,
-    2.0739,
-    2.0687,
-    2.0639,
-    2.0595,
-    2.0555,
-    2.0518,
-    2.0484,
-    2.0452,
-    2.0423,
+    12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281,
+    2.2010, 2.1788, 2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860,
+    2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423,
 )
+# fmt: on
 _Z975 = 1.959964
 
 BETTER, WORSE, UNDECIDED = "better", "worse", "not distinguishable"
@@ -110,9 +88,70 @@ def format_mean_ci(ci: MeanCI, digits: int = 4) -> str:
     return f"{ci.mean:.{digits}f} ± {ci.half_width:.{digits}f}"
 
 
+# --- Student's t distribution (no scipy: the regularized incomplete beta by its continued fraction) ---------------
+
+
+def _beta_fraction(a: float, b: float, x: float) -> float:
+    """The continued fraction of the incomplete beta function (modified Lentz), converging for x < (a+1)/(a+b+2)."""
+    tiny, eps = 1e-300, 1e-15
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 1000):
+        for aa in (
+            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
+        ):
+            d = 1.0 + aa * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + aa / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < eps:
+            break
+    return h
+
+
+def regularized_beta(x: float, a: float, b: float) -> float:
+    """I_x(a, b), the regularized incomplete beta function."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1) / (a + b + 2):
+        return front * _beta_fraction(a, b, x) / a
+    return 1.0 - front * _beta_fraction(b, a, 1.0 - x) / b
+
+
+def t_two_sided_p(t: float, df: int) -> float:
+    """P(|T| >= |t|) for Student's t with `df` degrees of freedom."""
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
+    if math.isnan(t):
+        return math.nan
+    if math.isinf(t):
+        return 0.0
+    return regularized_beta(df / (df + t * t), df / 2, 0.5)
+
+
+def t_cdf(t: float, df: int) -> float:
+    """P(T <= t) for Student's t with `df` degrees of freedom."""
+    tail = t_two_sided_p(t, df) / 2
+    return 1.0 - tail if t > 0 else tail
+
+
+# --- example level: the paired bootstrap over test examples -------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class BootstrapResult:
-    """Observed difference (method − baseline), its 95% percentile CI and the plain-words verdict."""
+    """Observed difference (method − baseline), its 95% percentile CI, p-value and the plain-words verdict.
+
+    seed_diffs: the same difference seed by seed (method and baseline paired by
+    position), for the seed-level test; () when the two have different seed counts.
+    p_holm: the p-value after Holm's correction over the comparison's family (nan until adjusted).
+    """
 
     diff: float
     low: float
@@ -120,6 +159,9 @@ class BootstrapResult:
     verdict: str
     n_examples: int
     n_resamples: int
+    p_value: float = math.nan
+    seed_diffs: tuple[float, ...] = ()
+    p_holm: float = math.nan
 
 
 def verdict(low: float, high: float, higher_is_better: bool) -> str:
@@ -128,6 +170,13 @@ def verdict(low: float, high: float, higher_is_better: bool) -> str:
         return UNDECIDED
     improved = low > 0 if higher_is_better else high < 0
     return BETTER if improved else WORSE
+
+
+def verdict_from_p(diff: float, p: float, higher_is_better: bool, alpha: float = 0.05) -> str:
+    """'better' / 'worse' (by the sign of diff) when p < alpha, else 'not distinguishable'."""
+    if not (math.isfinite(p) and math.isfinite(diff)) or p >= alpha or diff == 0:
+        return UNDECIDED
+    return BETTER if (diff > 0) == higher_is_better else WORSE
 
 
 def resample_weights(n: int, n_resamples: int, seed: int, chunk: int = 256) -> Iterator[np.ndarray]:
@@ -145,13 +194,31 @@ def resample_weights(n: int, n_resamples: int, seed: int, chunk: int = 256) -> I
         done += k
 
 
-def _percentile_result(observed: float, boot: np.ndarray, higher_is_better: bool, n: int) -> BootstrapResult:
+def bootstrap_p(boot: np.ndarray) -> float:
+    """Two-sided bootstrap p-value of 'the difference is 0': twice the smaller tail at 0, +1 smoothed."""
+    b = len(boot)
+    if b == 0:
+        return math.nan
+    tail = min(int(np.sum(boot <= 0)), int(np.sum(boot >= 0)))
+    return min(1.0, 2 * (tail + 1) / (b + 1))
+
+
+def _percentile_result(
+    observed: float, boot: np.ndarray, higher_is_better: bool, n: int, seed_diffs: np.ndarray | None
+) -> BootstrapResult:
     low, high = (float(v) for v in np.percentile(boot, [2.5, 97.5]))
-    return BootstrapResult(observed, low, high, verdict(low, high, higher_is_better), n, len(boot))
+    per_seed = tuple(float(v) for v in seed_diffs) if seed_diffs is not None else ()
+    return BootstrapResult(
+        observed, low, high, verdict(low, high, higher_is_better), n, len(boot), bootstrap_p(boot), per_seed
+    )
 
 
 def _undecidable(n: int) -> BootstrapResult:
     return BootstrapResult(math.nan, math.nan, math.nan, UNDECIDED, n, 0)
+
+
+def _seeds_paired(x: np.ndarray, b: np.ndarray) -> bool:
+    return x.shape[0] == b.shape[0]
 
 
 def paired_bootstrap(
@@ -176,15 +243,56 @@ def paired_bootstrap(
     if n == 0 or not np.all(np.isfinite(d)):
         return _undecidable(n)
     boot = np.concatenate([w @ d / n for w in resample_weights(n, n_resamples, seed)])
-    return _percentile_result(float(d.mean()), boot, higher_is_better, n)
+    per_seed = x.mean(axis=1) - b.mean(axis=1) if _seeds_paired(x, b) else None
+    return _percentile_result(float(d.mean()), boot, higher_is_better, n, per_seed)
 
 
-def _mean_corpus_bleu(stats: np.ndarray, weights: np.ndarray, bleu: Callable[[list[list[int]]], float]) -> np.ndarray:
-    """Per resample, corpus BLEU of each seed from its summed statistics, averaged over seeds."""
+def _mean_ratio(num: np.ndarray, den: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Per resample, each seed's Σ w·num / Σ w·den, averaged over seeds: (resamples,)."""
+    return ((weights @ num.T) / (weights @ den.T)).mean(axis=1)
+
+
+def paired_bootstrap_ratio(
+    method_num: Sequence[Sequence[float]] | np.ndarray,
+    method_den: Sequence[Sequence[float]] | np.ndarray,
+    baseline_num: Sequence[Sequence[float]] | np.ndarray,
+    baseline_den: Sequence[Sequence[float]] | np.ndarray,
+    higher_is_better: bool,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+) -> BootstrapResult:
+    """Paired bootstrap of a ratio of sums (method − baseline), e.g. the token-weighted loss Σ loss_sum / Σ n_tokens.
+
+    Arguments are (seeds x examples) or one row; column j is the same test example
+    everywhere. Every resample draws one set of example indices for every seed of
+    both methods; each seed's ratio is taken over the drawn examples, then the
+    ratios are averaged over seeds: the seed-averaged loss a run's eval_loss reports.
+    """
+    xn, xd, bn, bd = (
+        np.atleast_2d(np.asarray(a, dtype=np.float64)) for a in (method_num, method_den, baseline_num, baseline_den)
+    )
+    if xn.shape != xd.shape or bn.shape != bd.shape or xn.shape[1] != bn.shape[1]:
+        raise ValueError(
+            f"ratio parts must be (seeds x examples) on the same examples: {xn.shape} {xd.shape} vs {bn.shape} {bd.shape}"
+        )
+    n = xn.shape[1]
+    parts = np.concatenate([xn, xd, bn, bd])
+    if n == 0 or not np.all(np.isfinite(parts)) or np.any(xd <= 0) or np.any(bd <= 0):
+        return _undecidable(n)
+    full = np.ones((1, n))
+    observed = float(_mean_ratio(xn, xd, full)[0] - _mean_ratio(bn, bd, full)[0])
+    boot = np.concatenate(
+        [_mean_ratio(xn, xd, w) - _mean_ratio(bn, bd, w) for w in resample_weights(n, n_resamples, seed)]
+    )
+    per_seed = xn.sum(axis=1) / xd.sum(axis=1) - bn.sum(axis=1) / bd.sum(axis=1) if _seeds_paired(xn, bn) else None
+    return _percentile_result(observed, boot, higher_is_better, n, per_seed)
+
+
+def _corpus_bleu(stats: np.ndarray, weights: np.ndarray, bleu: Callable[[list[list[int]]], float]) -> np.ndarray:
+    """Per seed and resample, corpus BLEU from the summed statistics: (seeds, resamples)."""
     # stats: (seeds, examples, 10); weights: (resamples, examples) -> summed: (seeds, resamples, 10)
     summed = np.rint(np.einsum("re,sek->srk", weights, stats)).astype(np.int64)
-    scores = [[bleu([row.tolist()]) for row in per_seed] for per_seed in summed]
-    return np.asarray(scores, dtype=np.float64).mean(axis=0)
+    return np.asarray([[bleu([row.tolist()]) for row in per_seed] for per_seed in summed], dtype=np.float64)
 
 
 def paired_bootstrap_bleu(
@@ -213,8 +321,70 @@ def paired_bootstrap_bleu(
     if n == 0:
         return _undecidable(0)
     full = np.ones((1, n))
-    observed = float(_mean_corpus_bleu(x, full, bleu)[0] - _mean_corpus_bleu(b, full, bleu)[0])
+    x_full, b_full = _corpus_bleu(x, full, bleu)[:, 0], _corpus_bleu(b, full, bleu)[:, 0]
+    observed = float(x_full.mean() - b_full.mean())
     boot = np.concatenate(
-        [_mean_corpus_bleu(x, w, bleu) - _mean_corpus_bleu(b, w, bleu) for w in resample_weights(n, n_resamples, seed)]
+        [
+            _corpus_bleu(x, w, bleu).mean(axis=0) - _corpus_bleu(b, w, bleu).mean(axis=0)
+            for w in resample_weights(n, n_resamples, seed)
+        ]
     )
-    return _percentile_result(observed, boot, True, n)
+    per_seed = x_full - b_full if _seeds_paired(x, b) else None
+    return _percentile_result(observed, boot, True, n, per_seed)
+
+
+# --- seed level: a paired t test over the per-seed differences ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SeedLevelResult:
+    """Mean of the per-seed differences (method − baseline, same seed), its 95% t interval (n−1 df) and p-value.
+
+    With one seed there is no spread to measure: low, high and p are nan and the verdict is undecided.
+    """
+
+    diffs: tuple[float, ...]
+    mean: float
+    low: float
+    high: float
+    p_value: float
+    verdict: str
+    p_holm: float = math.nan
+
+    @property
+    def n_seeds(self) -> int:
+        return len(self.diffs)
+
+
+def seed_level(diffs: Iterable[float | None], higher_is_better: bool) -> SeedLevelResult:
+    """The one-sample t test of the paired per-seed differences against 0."""
+    xs = finite(diffs)
+    ci = mean_ci(xs)
+    if ci.n < 2:
+        return SeedLevelResult(tuple(xs), ci.mean, math.nan, math.nan, math.nan, UNDECIDED)
+    if ci.half_width == 0:  # every seed moved by exactly the same amount
+        p = 1.0 if ci.mean == 0 else 0.0
+    else:
+        se = ci.half_width / t_quantile_975(ci.n - 1)
+        p = t_two_sided_p(ci.mean / se, ci.n - 1)
+    return SeedLevelResult(tuple(xs), ci.mean, ci.low, ci.high, p, verdict(ci.low, ci.high, higher_is_better))
+
+
+# --- several comparisons at once -----------------------------------------------------------------------------------
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values, in the input order; nan entries stay nan and are not counted in the family.
+
+    The k-th smallest of m p-values is multiplied by (m − k + 1), capped at 1, and
+    never falls below the adjusted value of a smaller p: rejecting where the
+    adjusted p < alpha keeps the chance of any false 'better'/'worse' in the family below alpha.
+    """
+    ps = [float(p) for p in p_values]
+    tested = sorted((i for i, p in enumerate(ps) if math.isfinite(p)), key=lambda i: ps[i])
+    out = [math.nan] * len(ps)
+    running = 0.0
+    for rank, i in enumerate(tested):
+        running = max(running, min(1.0, (len(tested) - rank) * ps[i]))
+        out[i] = running
+    return out

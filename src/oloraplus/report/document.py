@@ -1,123 +1,42 @@
-"""Step 3 of the report: the report as data, sections of paragraphs, tables, quotes and figures.
+"""Step 3 of the report: the report as data, sections of paragraphs, tables, quotes and figures (blocks.py).
 
 Every word comes from templates/text.j2 (wording.say); numbers are formatted
-here. The document is built once and rendered twice (render.py), to Markdown and
-to HTML, so the two can never say different things.
+here and in verdicts.py (the comparison sections). The document is built once and
+rendered twice (render.py), to Markdown and to HTML, so the two can never say
+different things.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 from oloraplus.grid import full_steps, probe_steps
 from oloraplus.plots import lambda_label
-from oloraplus.report.compare import (
-    METRICS,
-    Group,
-    TunedChoice,
-    baseline_group,
-    orphan_lrs,
-    row_ci,
-    tuned_baseline,
+from oloraplus.report.blocks import (
+    NONE,
+    Block,
+    BulletList,
+    Cell,
+    Document,
+    Figure,
+    Heading,
+    Paragraph,
+    Quote,
+    Section,
+    Table,
+    table,
 )
+from oloraplus.report.compare import METRICS, Group, TunedChoice, baseline_group, row_ci
 from oloraplus.report.load import Study
+from oloraplus.report.texts import RecordTexts
+from oloraplus.report.verdicts import fixed_section, pairing_section, tuned_section
 from oloraplus.report.wording import columns, say
-from oloraplus.stats import BootstrapResult, format_mean_ci
+from oloraplus.stats import format_mean_ci
+
+__all__ = ["BulletList", "Cell", "Document", "Figure", "Heading", "Paragraph", "Quote", "Section", "Table", "build"]
 
 N_EXAMPLES = 3
-NONE = "—"  # an empty cell: nothing to show
-
-
-# --- the blocks ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Cell:
-    """A table cell; its tag (better / worse / undecided / diverged) is what the renderers highlight."""
-
-    text: str
-    tag: str = ""
-
-
-@dataclass(frozen=True)
-class Heading:
-    kind: ClassVar[str] = "heading"
-    level: int
-    text: str
-
-
-@dataclass(frozen=True)
-class Paragraph:
-    kind: ClassVar[str] = "paragraph"
-    text: str
-
-
-@dataclass(frozen=True)
-class BulletList:
-    kind: ClassVar[str] = "list"
-    items: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Quote:
-    """A labelled verbatim text (an instruction, a reference answer): its line breaks are kept."""
-
-    kind: ClassVar[str] = "quote"
-    label: str
-    text: str
-
-
-@dataclass(frozen=True)
-class Table:
-    kind: ClassVar[str] = "table"
-    headers: tuple[str, ...]
-    rows: tuple[tuple[Cell, ...], ...]
-
-
-@dataclass(frozen=True)
-class Figure:
-    """A PNG under the study folder and its caption."""
-
-    kind: ClassVar[str] = "figure"
-    caption: str
-    path: Path
-
-
-Block = Paragraph | BulletList | Quote | Table | Figure
-
-
-@dataclass(frozen=True)
-class Section:
-    title: str
-    blocks: tuple[Block | Section, ...]
-    level: int = 2
-
-    def flat(self) -> Iterator[Heading | Block]:
-        yield Heading(self.level, self.title)
-        for b in self.blocks:
-            yield from b.flat() if isinstance(b, Section) else (b,)
-
-
-@dataclass(frozen=True)
-class Document:
-    title: str
-    intro: tuple[Block, ...]
-    sections: tuple[Section, ...]
-
-    def flat(self) -> Iterator[Heading | Block]:
-        """Headings and blocks in reading order: what the renderers walk through."""
-        yield Heading(1, self.title)
-        yield from self.intro
-        for s in self.sections:
-            yield from s.flat()
-
-
-def table(headers: list[str], rows: list[list[Any]]) -> Table:
-    return Table(tuple(headers), tuple(tuple(c if isinstance(c, Cell) else Cell(str(c)) for c in r) for r in rows))
 
 
 # --- the head: what was run -----------------------------------------------------------------------------
@@ -211,54 +130,6 @@ def summary_section(groups: list[Group], summary: list[dict[str, Any]]) -> Secti
     return Section(say("summary_title"), (Paragraph(say("summary_intro")), table(headers, rows)))
 
 
-def _signed(v: float, digits: int) -> str:
-    return f"{v:+.{digits}f}"
-
-
-def _verdict_cell(res: BootstrapResult, digits: int) -> Cell:
-    if not math.isfinite(res.diff):
-        return Cell(res.verdict, "undecided")
-    tag = {"better": "better", "worse": "worse"}.get(res.verdict, "undecided")
-    text = say(
-        "verdict_cell",
-        diff=_signed(res.diff, digits),
-        low=_signed(res.low, digits),
-        high=_signed(res.high, digits),
-        verdict=res.verdict,
-    )
-    return Cell(text, tag)
-
-
-def _verdict_cells(c: dict[str, Any]) -> list[Any]:
-    """One cell per metric: difference, 95% interval and verdict, or '—' when not computable."""
-    cells: list[Any] = []
-    for m in METRICS:
-        res: BootstrapResult | None = c["metrics"].get(m.key)
-        cells.append(_verdict_cell(res, m.digits) if res else NONE)
-    return cells
-
-
-def _seeds_vs(c: dict[str, Any]) -> str:
-    return say("seeds_vs", n=len(c["seeds"]), n_baseline=len(c["baseline_seeds"]), paired=c["paired_by_seed"])
-
-
-def fixed_section(comparisons: list[dict[str, Any]], baseline: str, groups: list[Group]) -> Section:
-    blocks: list[Block] = [Paragraph(say("fixed_intro"))]
-    orphans = orphan_lrs(groups, baseline)
-    if orphans:
-        blocks.append(Paragraph(say("no_baseline_at", baseline=baseline, lrs=orphans)))
-    if not comparisons:
-        blocks.append(Paragraph(say("no_comparison", baseline=baseline)))
-    else:
-        headers = columns("fixed_columns", metrics=[m.name for m in METRICS])
-        rows = [
-            [c["protocol"], c["method"], lambda_label(c["lr_ratio"]), f"{c['lr']:g}", _seeds_vs(c), *_verdict_cells(c)]
-            for c in comparisons
-        ]
-        blocks.append(table(headers, rows))
-    return Section(say("fixed_title", baseline=baseline), tuple(blocks))
-
-
 # --- protocol tuned -----------------------------------------------------------------------------------------
 
 
@@ -297,47 +168,6 @@ def selection_section(study: Study, heatmaps: list[Figure]) -> Section:
     return Section(title, (*blocks, *heatmaps))
 
 
-def _no_verdict(choice: TunedChoice) -> str:
-    """Why a method/λ of protocol tuned has no verdict (the no_verdict macro words it)."""
-    if choice.chosen_lr is None:
-        return "selection_diverged"
-    if choice.group is None:
-        return "not_run"
-    if not choice.group.finished:
-        return "all_diverged"
-    return "no_baseline"
-
-
-def tuned_section(study: Study, choices: list[TunedChoice], comparisons: list[dict[str, Any]]) -> Section:
-    """Protocol tuned, step 2: each method/λ at its chosen lr against the baseline at its own chosen lr."""
-    baseline = study.baseline
-    title = say("tuned_title", baseline=baseline)
-    blocks: list[Block] = [Paragraph(say("tuned_intro", baseline=baseline))]
-    if study.selection is None:
-        return Section(title, (*blocks, Paragraph(say("tuned_pending"))))
-    base = tuned_baseline(choices, baseline)
-    if base is None:
-        blocks.append(Paragraph(say("tuned_no_baseline", baseline=baseline)))
-    by_key = {(c["method"], c["lr_ratio"]): c for c in comparisons}
-    rows = []
-    for choice in choices:
-        if base is not None and choice is base:
-            continue
-        c = by_key.get((choice.method, choice.lr_ratio))
-        first = ["tuned", choice.method, lambda_label(choice.lr_ratio)]
-        if c is not None:
-            rows.append([*first, f"{c['lr']:g}", f"{c['baseline_lr']:g}", _seeds_vs(c), *_verdict_cells(c)])
-            continue
-        lr = f"{choice.chosen_lr:g}" if choice.chosen_lr is not None else NONE
-        base_lr = f"{base.chosen_lr:g}" if base is not None and base.chosen_lr is not None else NONE
-        why = Cell(say("no_verdict", why=_no_verdict(choice)), "diverged")
-        rows.append([*first, lr, base_lr, NONE, why, *[NONE] * (len(METRICS) - 1)])
-    if rows:
-        headers = columns("tuned_columns", baseline=baseline, metrics=[m.name for m in METRICS])
-        blocks.append(table(headers, rows))
-    return Section(title, tuple(blocks))
-
-
 # --- examples, figures, missing runs --------------------------------------------------------------------------
 
 
@@ -346,8 +176,11 @@ def group_label(group: Group) -> str:
     return f"{group.method} λ={lambda_label(group.lr_ratio)}" if group.method.endswith("+") else group.method
 
 
-def examples_section(groups: list[Group], baseline: str, n: int = N_EXAMPLES) -> Section | None:
-    """A few test examples with every method's answer (first finished seed of each, one lr)."""
+def examples_section(
+    groups: list[Group], baseline: str, texts: RecordTexts | None = None, n: int = N_EXAMPLES
+) -> Section | None:
+    """A few test examples with every method's answer (first finished seed of each, one lr), and the record's
+    instruction and reference where `texts` has them (read from the data file, never from the run folders alone)."""
     lrs = sorted(
         sorted({g.lr for g in groups if g.finished}), key=lambda lr: baseline_group(groups, baseline, lr) is None
     )
@@ -360,23 +193,19 @@ def examples_section(groups: list[Group], baseline: str, n: int = N_EXAMPLES) ->
     if not shared:
         return None
     picks = [shared[round(k * (len(shared) - 1) / max(n - 1, 1))] for k in range(min(n, len(shared)))]
+    texts = texts or RecordTexts()
     examples = []
     for idx in dict.fromkeys(picks):
-        first = preds[0][1][idx]
-        prompt = first.get("instruction", "") + (f"\n\n{first['input']}" if first.get("input") else "")
         rows = [[group_label(g), str(g.finished[0].seed), p[idx]["prediction"]] for g, p in preds]
+        quotes: tuple[Block, ...] = ()
+        if (rec := texts.by_index.get(idx)) is not None:
+            prompt = rec["instruction"] + (f"\n\n{rec['input']}" if rec.get("input") else "")
+            quotes = (Quote(say("instruction"), prompt), Quote(say("reference"), rec["output"]))
         examples.append(
-            Section(
-                say("example_title", index=idx),
-                (
-                    Quote(say("instruction"), prompt),
-                    Quote(say("reference"), first.get("reference", "")),
-                    table(columns("example_columns"), rows),
-                ),
-                level=3,
-            )
+            Section(say("example_title", index=idx), (*quotes, table(columns("example_columns"), rows)), level=3)
         )
-    return Section(say("examples_title"), (Paragraph(say("examples_intro", lr=lrs[0])), *examples))
+    intro = say("examples_intro", lr=lrs[0], origin=texts.origin, source=texts.source)
+    return Section(say("examples_title"), (Paragraph(intro), *examples))
 
 
 def figures_section(figures: list[Figure]) -> Section | None:
@@ -402,12 +231,22 @@ def build(
     tuned: list[dict[str, Any]],
     figures: list[Figure],
     heatmaps: list[Figure],
+    texts: RecordTexts | None = None,
 ) -> Document:
-    """The whole report: what was run, results by group, the verdicts of each protocol, plots, examples, missing runs."""
+    """The whole report: what was run, results by group, the verdicts of each protocol, whether the paired runs are
+    alike, plots, examples, missing runs."""
     sections: list[Section | None] = [summary_section(groups, summary)]
     if study.compares_fixed:
         sections.append(fixed_section(comparisons, study.baseline, fixed))
     if study.compares_tuned:
-        sections += [selection_section(study, heatmaps), tuned_section(study, choices, tuned)]
-    sections += [figures_section(figures), examples_section(groups, study.baseline), unfinished_section(study)]
+        sections += [
+            selection_section(study, heatmaps),
+            tuned_section(study.selection, study.baseline, choices, tuned),
+        ]
+    sections += [
+        pairing_section(comparisons + tuned),
+        figures_section(figures),
+        examples_section(groups, study.baseline, texts),
+        unfinished_section(study),
+    ]
     return Document(say("title", name=study.path.name), head(study), tuple(s for s in sections if s is not None))

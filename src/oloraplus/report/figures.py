@@ -9,6 +9,7 @@ from typing import Any
 from oloraplus import plots
 from oloraplus.config import INITS
 from oloraplus.fsutil import atomic_write_with
+from oloraplus.report.blocks import Figure
 from oloraplus.report.compare import (
     Group,
     TunedChoice,
@@ -18,7 +19,7 @@ from oloraplus.report.compare import (
     summarize,
     tuned_baseline,
 )
-from oloraplus.report.document import Figure, group_label
+from oloraplus.report.document import group_label
 from oloraplus.report.load import Run, Study
 from oloraplus.report.wording import say
 

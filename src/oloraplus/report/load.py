@@ -73,6 +73,17 @@ class Run:
         """Prediction rows keyed by test-record index (the key that pairs runs), read once."""
         return {int(r["index"]): r for r in self.folder.read_predictions()}
 
+    @functools.cached_property
+    def config(self) -> dict[str, Any]:
+        """config.yaml as the run wrote it (fields a later version added are absent, not defaulted); {} if missing."""
+        if not self.folder.config.is_file():
+            return {}
+        try:
+            data = yaml.safe_load(self.folder.config.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise OLoRAPlusError(f"cannot read {self.folder.config}: {e}") from e
+        return data if isinstance(data, dict) else {}
+
     def history(self) -> list[dict[str, Any]]:
         return self.folder.read_history()
 

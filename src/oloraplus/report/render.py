@@ -15,7 +15,7 @@ from pathlib import Path
 import jinja2
 from markupsafe import Markup
 
-from oloraplus.report.document import Cell, Document
+from oloraplus.report.blocks import Cell, Document
 from oloraplus.report.wording import templates
 
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import math
 from typing import Any
 
+from oloraplus.report.compare import SEED_LEVEL_MIN_SEEDS
 from oloraplus.report.load import Run, Study
-from oloraplus.stats import BootstrapResult
 
 CSV_COLUMNS = (
     "run_id",
@@ -50,8 +51,8 @@ def clean(value: Any) -> Any:
         return {k: clean(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [clean(v) for v in value]
-    if isinstance(value, BootstrapResult):
-        return clean(vars(value))
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return clean(dataclasses.asdict(value))
     return value
 
 
@@ -94,5 +95,12 @@ def results_json(
             "selection": study.selection,
             "comparisons": comparisons,
             "bootstrap": {"resamples": n_resamples, "seed": seed, "confidence": 0.95},
+            "statistics": {
+                "eval_loss": "token-weighted: sum of loss_sum / sum of n_tokens (response tokens + EOS) per run",
+                "example_level": "metrics: paired bootstrap over test examples, percentile interval, two-sided p",
+                "seed_level": "seed_level: per-seed paired differences, mean with a Student-t interval on n-1 df",
+                "verdict_level": f"seeds from {SEED_LEVEL_MIN_SEEDS} paired seeds on, else examples",
+                "multiple_comparisons": "Holm over the rows of one protocol's table, per metric and level (p_holm)",
+            },
         }
     )
