@@ -1,5 +1,6 @@
 """Runs that survive being killed: kill -9 mid-run, start again, end as the uninterrupted run does."""
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -11,8 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from oloraplus.checkpoints import save_steps
+from oloraplus.checkpoints import CheckpointCallback, read_progress, resumable_checkpoint, save_steps
 from oloraplus.cli import main
+from oloraplus.config import build_config
+from oloraplus.errors import OLoRAPlusError
 from oloraplus.runs import RESUME_FILE, RunFolder
 
 # the child trains as `oloraplus train` does, but waits (to be killed) once PAUSE_AT optimizer steps are done
@@ -44,13 +47,13 @@ def _train_args(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str
         "--data",
         str(data),
         "--n_train",
-        "16",
+        "12",
         "--n_test",
         "4",
         "--batch_size",
         "4",
         "--epochs",
-        "3",  # 12 steps: the resumed run skips batches mid-epoch and crosses an epoch boundary
+        "2",  # 6 steps, 3 an epoch: resumed at step 2, a run skips 2 batches and crosses into the second epoch
         "--rank",
         str(RANK),
         "--lr",
@@ -58,7 +61,7 @@ def _train_args(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str
         "--dropout",
         "0.05",  # the dropout masks after the resume come from the restored RNG state
         "--micro_batch_tokens",
-        "64",  # packed batches split into several packs
+        "96",  # packed batches of 4 split into 2 or more packs
         "--logging_steps",
         "2",
         "--dynamics_every",
@@ -104,6 +107,33 @@ def test_checkpoints_land_on_logged_steps():
     assert save_steps(2, 2) == 2 and save_steps(3, 2) == 4 and save_steps(15, 5) == 15 and save_steps(16, 5) == 20
 
 
+def test_only_a_complete_checkpoint_of_the_same_config_is_resumed(tmp_path):
+    cfg = build_config({}, {"data": "x.json", "output_dir": str(tmp_path / "run")})
+    run = RunFolder(tmp_path / "run")
+    assert resumable_checkpoint(run.path, cfg) is None  # no run folder yet
+
+    class State:
+        is_world_process_zero = True
+
+    rows = [{"step": 0}]
+    saver = CheckpointCallback(run.path, cfg, rows)
+    for step in (3, 6):  # as Trainer leaves them, then as on_save marks them
+        run.checkpoint(step).mkdir(parents=True)
+        (run.checkpoint(step) / "adapter_model.safetensors").write_bytes(b"weights")
+        State.global_step = step
+        rows.append({"step": step})
+        saver.on_save(None, State(), None)
+    assert run.checkpoints() == [run.checkpoint(6)]  # the older one went once the newer one was complete
+    assert read_progress(run.checkpoint(6))["dynamics"] == [{"step": 0}, {"step": 3}, {"step": 6}]
+    run.checkpoint(9).mkdir()  # Trainer was writing this one when the run was killed
+    (run.checkpoint(9) / "adapter_model.safetensors").write_bytes(b"wei")
+    assert resumable_checkpoint(run.path, cfg) == run.checkpoint(6)
+    assert resumable_checkpoint(run.path, dataclasses.replace(cfg, output_dir="moved")) == run.checkpoint(6)
+    other = build_config({}, {"data": "x.json", "lr": 1e-3, "rank": 8})
+    with pytest.raises(OLoRAPlusError, match=r"another configuration \(adapter.rank 16 there, 8 here; train.lr 0.0002"):
+        resumable_checkpoint(run.path, other)
+
+
 def test_a_run_killed_mid_run_resumes_and_ends_as_the_uninterrupted_run(
     uninterrupted, tiny_model_dir, tmp_path, capsys
 ):
@@ -112,7 +142,7 @@ def test_a_run_killed_mid_run_resumes_and_ends_as_the_uninterrupted_run(
     args = _train_args(tiny_model_dir, data, out)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.Popen(
-        [sys.executable, "-c", PAUSING_TRAIN, "7", *args],
+        [sys.executable, "-c", PAUSING_TRAIN, "3", *args],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -124,20 +154,20 @@ def test_a_run_killed_mid_run_resumes_and_ends_as_the_uninterrupted_run(
             if line.strip() == "paused":
                 break
         assert proc.poll() is None, "the training subprocess ended before it paused"
-        os.kill(proc.pid, signal.SIGKILL)  # mid-run: 7 steps done, the 8th under way
+        os.kill(proc.pid, signal.SIGKILL)  # mid-run: 3 steps done, the 4th under way
     finally:
         proc.kill()
         proc.wait()
     run = RunFolder(out)
     assert not run.ended
-    assert [p.name for p in run.checkpoints()] == ["checkpoint-6"]
+    assert [p.name for p in run.checkpoints()] == ["checkpoint-2"]
     ckpt = run.last_checkpoint
     assert ckpt is not None and (ckpt / RESUME_FILE).is_file()
     saved = load_file(ckpt / "adapter_model.safetensors")  # the raw trained A, B: rank r, not converted to 2r
     assert {t.shape[0] for k, t in saved.items() if ".lora_A." in k} == {RANK}
 
-    # killed while Trainer wrote checkpoint-8: files there, one cut short, no resume.json
-    partial = out / "checkpoint-8"
+    # killed while Trainer wrote checkpoint-4: files there, one cut short, no resume.json
+    partial = out / "checkpoint-4"
     shutil.copytree(ckpt, partial, ignore=shutil.ignore_patterns(RESUME_FILE))
     (partial / "optimizer.pt").write_bytes((partial / "optimizer.pt").read_bytes()[:100])
 
@@ -149,16 +179,16 @@ def test_a_run_killed_mid_run_resumes_and_ends_as_the_uninterrupted_run(
     assert _snapshot(out) == before  # nothing touched
 
     assert main(args) == 0
-    assert "from its checkpoint at step 6" in capsys.readouterr().out
+    assert "from its checkpoint at step 2" in capsys.readouterr().out
     assert run.checkpoints() == [] and RunFolder(reference).checkpoints() == []
 
     got, want = _results(out), _results(reference)
     assert got["metrics"]["eval_loss"] == pytest.approx(want["metrics"]["eval_loss"], abs=1e-6)
-    assert got["metrics"]["train_steps"] == want["metrics"]["train_steps"] == 12
+    assert got["metrics"]["train_steps"] == want["metrics"]["train_steps"] == 6
     assert got["metrics"]["train_tokens"] == want["metrics"]["train_tokens"]
     assert got["answers"] == want["answers"] and len(got["answers"]) == 4
     assert got["history"] == want["history"]
-    assert got["dynamics"] == want["dynamics"] and [r["step"] for r in got["dynamics"]] == list(range(13))
+    assert got["dynamics"] == want["dynamics"] and [r["step"] for r in got["dynamics"]] == list(range(7))
     assert got["adapter"].keys() == want["adapter"].keys()
     for key, tensor in want["adapter"].items():
         assert torch.equal(got["adapter"][key], tensor), key
