@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from oloraplus import train
 from oloraplus.checkpoints import CheckpointCallback, read_progress, resumable_checkpoint, save_steps
 from oloraplus.cli import main
 from oloraplus.config import build_config
@@ -52,8 +53,8 @@ def _train_args(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str
         "4",
         "--batch_size",
         "4",
-        "--epochs",
-        "2",  # 6 steps, 3 an epoch: resumed at step 2, a run skips 2 batches and crosses into the second epoch
+        "--max_steps",
+        "5",  # 3 steps an epoch: resumed at step 2, a run skips 2 batches and crosses into the second epoch
         "--rank",
         str(RANK),
         "--lr",
@@ -114,6 +115,7 @@ def test_only_a_complete_checkpoint_of_the_same_config_is_resumed(tmp_path):
 
     class State:
         is_world_process_zero = True
+        max_steps = 10
 
     rows = [{"step": 0}]
     saver = CheckpointCallback(run.path, cfg, rows)
@@ -180,15 +182,50 @@ def test_a_run_killed_mid_run_resumes_and_ends_as_the_uninterrupted_run(
 
     assert main(args) == 0
     assert "from its checkpoint at step 2" in capsys.readouterr().out
-    assert run.checkpoints() == [] and RunFolder(reference).checkpoints() == []
 
+    _assert_same_results(out, reference)
+
+
+def test_a_run_killed_while_evaluating_resumes_without_training_again(
+    uninterrupted, tiny_model_dir, tmp_path, capsys, monkeypatch
+):
+    data, reference = uninterrupted
+    out = tmp_path / "run"
+    args = _train_args(tiny_model_dir, data, out)
+    evaluate = train.evaluate_saved_adapter
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "evaluate_saved_adapter", interrupted)
+    assert main(args) == 130
+    assert not RunFolder(out).ended and [p.name for p in RunFolder(out).checkpoints()] == ["checkpoint-5"]
+
+    monkeypatch.setattr(train, "evaluate_saved_adapter", evaluate)
+    steps = []
+    training_step = train.OLoRAPlusTrainer.training_step
+
+    def counted(self, *args, **kwargs):
+        steps.append(self.state.global_step)
+        return training_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(train.OLoRAPlusTrainer, "training_step", counted)
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "from its checkpoint at step 5" in capsys.readouterr().out
+    assert steps == []  # Trainer's own resume would train a 6th step: 5 steps are not a whole number of epochs
+    _assert_same_results(out, reference)
+
+
+def _assert_same_results(out: Path, reference: Path) -> None:
+    assert RunFolder(out).checkpoints() == [] and RunFolder(reference).checkpoints() == []
     got, want = _results(out), _results(reference)
     assert got["metrics"]["eval_loss"] == pytest.approx(want["metrics"]["eval_loss"], abs=1e-6)
-    assert got["metrics"]["train_steps"] == want["metrics"]["train_steps"] == 6
+    assert got["metrics"]["train_steps"] == want["metrics"]["train_steps"] == 5
     assert got["metrics"]["train_tokens"] == want["metrics"]["train_tokens"]
     assert got["answers"] == want["answers"] and len(got["answers"]) == 4
     assert got["history"] == want["history"]
-    assert got["dynamics"] == want["dynamics"] and [r["step"] for r in got["dynamics"]] == list(range(7))
+    assert got["dynamics"] == want["dynamics"] and [r["step"] for r in got["dynamics"]] == list(range(6))
     assert got["adapter"].keys() == want["adapter"].keys()
     for key, tensor in want["adapter"].items():
         assert torch.equal(got["adapter"][key], tensor), key

@@ -24,13 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback, TrainerState
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from oloraplus.config import RunConfig
 from oloraplus.errors import OLoRAPlusError
 from oloraplus.fsutil import atomic_write_json, fsync_tree
-from oloraplus.runs import CHECKPOINT_PREFIX, RESUME_FILE, RunFolder, read_json
+from oloraplus.runs import CHECKPOINT_PREFIX, CONFIG_FILE, RESUME_FILE, TENSORBOARD_DIR, RunFolder, read_json
 
 assert CHECKPOINT_PREFIX == f"{PREFIX_CHECKPOINT_DIR}-", "runs.py must name Trainer's checkpoint folders as it does"
 
@@ -85,6 +86,24 @@ def read_progress(ckpt: Path | None) -> dict[str, Any]:
     return read_json(ckpt / RESUME_FILE) if ckpt is not None else {}
 
 
+def clear_for_resume(run_dir: Path, ckpt: Path) -> None:
+    """Keep config.yaml, the checkpoint and TensorBoard's logs; partial checkpoints, temp files of a kill and
+    results of an evaluation cut short go (the resumed run writes them again)."""
+    for path in run_dir.iterdir():
+        if path.name not in (CONFIG_FILE, ckpt.name, TENSORBOARD_DIR):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def load_trained(trainer: Trainer, ckpt: Path) -> None:
+    """A checkpoint taken once training was done (the run was killed while evaluating): its adapter and Trainer state.
+
+    Not Trainer's resume: when max_steps is not a whole number of epochs, it skips the
+    last epoch's batches already trained on and then trains one step more.
+    """
+    trainer.model.load_adapter(str(ckpt), trainer.model.active_adapter, is_trainable=True)
+    trainer.state = TrainerState.load_from_json(str(ckpt / TRAINER_STATE_NAME))
+
+
 def remove_checkpoints(run_dir: Path) -> None:
     for ckpt in RunFolder(run_dir).checkpoints():
         shutil.rmtree(ckpt)
@@ -119,6 +138,7 @@ class CheckpointCallback(TrainerCallback):
             ckpt / RESUME_FILE,
             {
                 "step": state.global_step,
+                "training_done": state.global_step >= state.max_steps,
                 "config": self.config,
                 "dynamics": self.dynamics_rows,
                 "train_seconds": seconds,

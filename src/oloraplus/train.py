@@ -34,7 +34,7 @@ from oloraplus.optim import loraplus_optimizer
 from oloraplus.packing import PackCollator, can_pack, is_packed, split_packed, use_packed_attention
 from oloraplus.precision import keep_freed_memory_mapped
 from oloraplus.prepare import PreparedRun
-from oloraplus.runs import CONFIG_FILE, METRICS_FILE, TENSORBOARD_DIR, is_finished
+from oloraplus.runs import METRICS_FILE, is_finished
 
 
 def labelled_tokens(batch: dict) -> torch.Tensor:
@@ -247,9 +247,7 @@ def start_run_folder(out: Path, cfg: RunConfig, resume: Path | None = None) -> N
     if int(os.environ.get("RANK", "0")) != 0:
         return
     if resume is not None:
-        for path in out.iterdir():
-            if path.name not in (CONFIG_FILE, resume.name, TENSORBOARD_DIR):
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        checkpoints.clear_for_resume(out, resume)
         return
     if out.exists():  # an unfinished (or overwritten) run: start clean so no stale file survives
         shutil.rmtree(out)
@@ -334,7 +332,10 @@ def train_adapter(prep: PreparedRun, out: Path, resume: Path | None = None) -> T
     trackers = tracking.TrackerRun(trainer)  # their runs stay open for the final scores, logged after evaluation
     t0 = time.perf_counter()
     try:
-        trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+        if progress.get("training_done"):  # killed after training, while evaluating: nothing left to train
+            checkpoints.load_trained(trainer, resume)
+        else:
+            trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     except BaseException:
         trackers.finish()
         raise
