@@ -124,6 +124,7 @@ def test_divergence_callback_stops_and_records_the_step():
 
     class Ctl:
         should_training_stop = False
+        should_save = True
 
     class State:
         global_step = 7
@@ -133,6 +134,7 @@ def test_divergence_callback_stops_and_records_the_step():
     assert not ctl.should_training_stop
     cb.on_log(None, State(), ctl, logs={"loss": float("nan")})
     assert ctl.should_training_stop and cb.diverged_step == 7
+    assert not ctl.should_save  # no checkpoint of the diverged weights to resume from
 
 
 def test_a_diverged_run_is_recorded_and_the_grid_goes_on(tiny_model_dir, small_data, tmp_path, capsys):
@@ -151,3 +153,4 @@ def test_a_diverged_run_is_recorded_and_the_grid_goes_on(tiny_model_dir, small_d
     assert len(metrics) == 3
     assert all(m["status"] == "diverged" and m["diverged_step"] == 1 for m in metrics)
     assert out.count("diverged at step 1") == 3
+    assert not list(study.glob("runs/*/checkpoint-*"))  # a diverged run ends without a checkpoint too

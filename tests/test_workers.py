@@ -61,7 +61,7 @@ def test_a_worker_skips_runs_held_elsewhere_and_waits_for_them(tmp_path, monkeyp
     configs = [spec_config(base, s, tmp_path) for s in specs]
     trained = []
 
-    def fake_run_training(cfg, overwrite):
+    def fake_run_training(cfg, overwrite=False):
         trained.append(Path(cfg.output_dir).name)
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.output_dir) / "metrics.json").write_text(json.dumps({"status": "finished", "eval_loss": 1.0}))

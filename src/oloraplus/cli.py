@@ -206,8 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="fine-tune one adapter, evaluate it, save the run folder")
     p.add_argument("--config", help="YAML config (sections: model, data, adapter, train, eval; output_dir)")
-    p.add_argument("--output_dir", help="run folder [default: runs/latest]")
-    p.add_argument("--overwrite", action="store_true", help="replace a finished run in output_dir")
+    p.add_argument(
+        "--output_dir", help="run folder [default: runs/latest]; an unfinished run there resumes from its checkpoint"
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="start over: replace a finished run, or a checkpoint, in output_dir"
+    )
     _add_run_options(p)
     p.set_defaults(func=cmd_train)
 

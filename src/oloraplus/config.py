@@ -121,6 +121,13 @@ class TrainConfig:
     seed: int = _help("training seed: adapter init, data order, dropout", default=0)
     logging_steps: int = _help("log the training loss every N steps", default=5)
     dynamics_every: int = _help("record |A-A0|, |B-B0| and subspace drift every N steps", default=10)
+    checkpoint_every: int = _help(
+        "save a resumable checkpoint (adapter, optimizer, scheduler, RNG, data position) every N optimizer steps, "
+        "rounded up to a multiple of logging_steps, and at the end of training; a killed run started again resumes "
+        "from it (0 = never; 15: a killed paper-cpu run loses at most ~94 s on 2 Zen 3 cores, at the 6.25 s/step "
+        "of docs/results/bench-lean-cpu)",
+        default=15,
+    )
     group_by_length: bool = _help(
         "draw batches of similar length (less padding, but a biased order); off: random order, as a stock Trainer",
         default=False,
@@ -328,6 +335,8 @@ def validate(cfg: RunConfig) -> None:
     for name in ("batch_size", "grad_accum", "logging_steps", "dynamics_every"):
         if getattr(t, name) <= 0:
             raise OLoRAPlusError(f"{name} must be > 0, got {getattr(t, name)}")
+    if t.checkpoint_every < 0:
+        raise OLoRAPlusError(f"checkpoint_every must be >= 0, got {t.checkpoint_every}")
     if not 0 <= t.warmup_ratio < 1:
         raise OLoRAPlusError(f"warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
     if t.weight_decay < 0:

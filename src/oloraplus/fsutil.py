@@ -54,3 +54,17 @@ def atomic_write_with(path: str | os.PathLike, write: Callable[[Path], None]) ->
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def fsync_tree(path: str | os.PathLike) -> None:
+    """fsync every file under `path`, then the folders: written by others (Trainer) without it, made durable here."""
+    path = Path(path)
+    for folder, _, files in os.walk(path, topdown=False):
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as f:
+                os.fsync(f.fileno())
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

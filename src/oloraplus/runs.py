@@ -8,8 +8,13 @@ A run folder (`oloraplus train --output_dir`, or STUDY/runs/RUN_ID in a study) h
     train_loss.png      the training-loss curve
     adapter/            the saved adapter (PEFT format), when the run did not diverge
     predictions.jsonl   one row per test record (index, loss, loss_sum, n_tokens, answer, scores)
+    checkpoint-STEP/    while training: Trainer's checkpoint (raw adapter, optimizer, scheduler, RNG,
+                        trainer_state.json with the data position and log history) and resume.json
+                        (written last: the config, dynamics rows so far); only the newest complete one
+                        is kept, and none once metrics.json is written
     metrics.json        written last and atomically: a run folder with it is ended, and its
-                        "status" field says finished or diverged; any other folder is redone
+                        "status" field says finished or diverged; any other folder is resumed from
+                        its complete checkpoint, or redone when it has none
     evaluation/         `oloraplus evaluate RUN` writes its metrics.json and predictions.jsonl here
     runs/               TensorBoard event files (Trainer's logging dir), with --report_to tensorboard
 """
@@ -39,6 +44,8 @@ ADAPTER_CONFIG_FILE = "adapter_config.json"  # inside ADAPTER_DIR: present once 
 PREDICTIONS_FILE = "predictions.jsonl"
 METRICS_FILE = "metrics.json"
 EVALUATION_DIR = "evaluation"
+CHECKPOINT_PREFIX = "checkpoint-"  # transformers' PREFIX_CHECKPOINT_DIR: Trainer names them checkpoint-STEP
+RESUME_FILE = "resume.json"  # inside a checkpoint, written last: a checkpoint without it is partial
 TENSORBOARD_DIR = "runs"
 
 
@@ -104,6 +111,24 @@ class RunFolder:
     @property
     def tensorboard(self) -> Path:
         return self.path / TENSORBOARD_DIR
+
+    def checkpoint(self, step: int) -> Path:
+        return self.path / f"{CHECKPOINT_PREFIX}{step}"
+
+    def checkpoints(self) -> list[Path]:
+        """Every checkpoint folder, complete or not, oldest step first."""
+        found = [
+            p
+            for p in self.path.glob(f"{CHECKPOINT_PREFIX}*")
+            if p.is_dir() and p.name[len(CHECKPOINT_PREFIX) :].isdigit()
+        ]
+        return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
+
+    @property
+    def last_checkpoint(self) -> Path | None:
+        """The newest checkpoint whose resume.json was written (the others were cut short), or None."""
+        complete = [p for p in self.checkpoints() if (p / RESUME_FILE).is_file()]
+        return complete[-1] if complete else None
 
     @property
     def ended(self) -> bool:

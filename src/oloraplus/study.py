@@ -1,8 +1,9 @@
 """A study: the grid's runs (grid.py), one run folder each, trained sequentially or by several workers, resumable.
 
-A run folder with metrics.json is finished and skipped; any other run folder is
-redone from scratch. metrics.json is written atomically and last, so a process
-killed at any moment (kill -9 included) loses at most the run in progress.
+A run folder with metrics.json is finished and skipped; any other run folder resumes
+from its last checkpoint (train.run_training), or is redone when it has none.
+metrics.json is written atomically and last, so a process killed at any moment
+(kill -9 included) loses at most checkpoint_every steps of the run in progress.
 
 Several workers (processes, GPUs or machines sharing the folder) can run one study
 at once: a worker claims a run by holding an exclusive lock on STUDY/.claims/RUN.lock
@@ -134,7 +135,7 @@ def _run_all(study_dir: Path, stage: str, specs: list[RunSpec], configs: list[Ru
                 )
                 print(f"\n[{stage} run {i + 1}/{len(specs)}] {spec.run_id} ({left} left{eta})", flush=True)
                 t0 = time.perf_counter()
-                metrics = run_training(cfg, overwrite=True)
+                metrics = run_training(cfg)  # resumes a run killed midway from its checkpoint
                 durations.append(time.perf_counter() - t0)
                 print(
                     f"[{stage} run {i + 1}/{len(specs)}] {metrics['status']}{_outcome(metrics)} "

@@ -2,7 +2,8 @@
 
 A run folder holds config.yaml (first), then history.json, dynamics.jsonl,
 predictions.jsonl, train_loss.png, adapter/, and metrics.json LAST: a folder with
-metrics.json is a finished run; one without it is unfinished and gets redone.
+metrics.json is a finished run; one without it is unfinished: it resumes from its last
+complete checkpoint (checkpoints.py) when it has one of the same config, else it is redone.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
-from oloraplus import adapters, plots, tracking
+from oloraplus import adapters, checkpoints, plots, tracking
 from oloraplus.budget import peak_rss_gb
 from oloraplus.config import RunConfig
 from oloraplus.data import IGNORE_INDEX, PadCollator, tokenize_records
@@ -141,7 +142,8 @@ class DynamicsCallback(TrainerCallback):
         )
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self.record(model, 0)
+        if not self.rows:  # a resumed run has its rows so far from the checkpoint
+            self.record(model, 0)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step % self.every == 0:
@@ -159,6 +161,7 @@ class DivergenceCallback(TrainerCallback):
         if loss is not None and not math.isfinite(loss) and self.diverged_step is None:
             self.diverged_step = state.global_step
             control.should_training_stop = True
+            control.should_save = False  # a run resumed from NaN weights would log its divergence at a later step
 
 
 def device_name() -> str:
@@ -193,17 +196,26 @@ class TrainedAdapter:
 
 
 def run_training(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
-    """Train, evaluate and save one run; returns its metrics (also in run_dir/metrics.json)."""
+    """Train, evaluate and save one run; returns its metrics (also in run_dir/metrics.json).
+
+    An unfinished run in output_dir (killed, kill -9 included) resumes from its last complete
+    checkpoint and ends as an uninterrupted run would; one without a checkpoint starts over.
+    A finished run, or a checkpoint made with another config, is refused (OLoRAPlusError,
+    nothing touched) unless `overwrite`, which always starts the run over.
+    """
     keep_freed_memory_mapped()
     out = Path(cfg.output_dir)
     if is_finished(out) and not overwrite:
         raise OLoRAPlusError(
             f"{out} already holds a finished run ({METRICS_FILE}); pick another output_dir or pass --overwrite"
         )
+    resume = None if overwrite else checkpoints.resumable_checkpoint(out, cfg)
     prep = PreparedRun(cfg)  # everything validated and loaded: a bad input fails here, before any file is written
     tracking.check_report_to(cfg.train.report_to, installed=True)
-    start_run_folder(out, cfg)
-    trained = train_adapter(prep, out)
+    start_run_folder(out, cfg, resume)
+    if resume is not None:
+        print(f"resuming {out} from its checkpoint at step {resume.name.rsplit('-', 1)[-1]}", flush=True)
+    trained = train_adapter(prep, out, resume)
     trackers, metrics = trained.trackers, None
     try:
         if not trained.trainer.is_world_process_zero():  # evaluation and saving happen once, on rank 0
@@ -220,6 +232,7 @@ def run_training(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
             metrics.update(evaluate_saved_adapter(prep, out))
         metrics["peak_rss_gb"] = peak_rss_gb()
         atomic_write_json(out / METRICS_FILE, metrics)  # last: marks the run finished
+        checkpoints.remove_checkpoints(out)  # nothing left to resume
         return metrics
     finally:  # the trackers get the final scores (if any) and close, also when evaluation failed
         a = cfg.adapter
@@ -228,9 +241,13 @@ def run_training(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
         )
 
 
-def start_run_folder(out: Path, cfg: RunConfig) -> None:
-    """An empty folder holding config.yaml; under torchrun only rank 0 touches it."""
+def start_run_folder(out: Path, cfg: RunConfig, resume: Path | None = None) -> None:
+    """An empty folder holding config.yaml, or for a resumed run its config.yaml, checkpoint and TensorBoard logs
+    alone (partial checkpoints, temp files of a kill and results of an evaluation cut short go); rank 0 only."""
     if int(os.environ.get("RANK", "0")) != 0:
+        return
+    if resume is not None:
+        checkpoints.clear_for_resume(out, resume)
         return
     if out.exists():  # an unfinished (or overwritten) run: start clean so no stale file survives
         shutil.rmtree(out)
@@ -244,7 +261,7 @@ def training_arguments(cfg: RunConfig, prep: PreparedRun, out: Path) -> RunArgum
         method=cfg.adapter.method,
         lr_ratio=cfg.adapter.resolved_lr_ratio,
         run_name=out.name,  # a study's run id: the trackers' name for the run
-        output_dir=str(out),  # Trainer writes nothing here but TensorBoard logs (runs/), with saving off
+        output_dir=str(out),  # Trainer writes its checkpoints here (checkpoint-STEP) and TensorBoard logs (runs/)
         per_device_train_batch_size=t.batch_size,
         gradient_accumulation_steps=t.grad_accum,
         learning_rate=t.lr,
@@ -257,7 +274,9 @@ def training_arguments(cfg: RunConfig, prep: PreparedRun, out: Path) -> RunArgum
         logging_nan_inf_filter=False,  # a NaN must reach DivergenceCallback, not be filtered out
         gradient_checkpointing=prep.memory.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},  # the frozen embeddings give no grad to re-enter with
-        save_strategy="no",
+        # Trainer's own checkpoints; CheckpointCallback marks them complete and keeps the last one
+        save_strategy="steps" if t.checkpoint_every else "no",
+        save_steps=checkpoints.save_steps(t.checkpoint_every, t.logging_steps) if t.checkpoint_every else 500,
         report_to=tracking.report_to_value(t.report_to),
         bf16=prep.bf16,
         use_cpu=not torch.cuda.is_available(),
@@ -272,8 +291,12 @@ def training_arguments(cfg: RunConfig, prep: PreparedRun, out: Path) -> RunArgum
     )
 
 
-def train_adapter(prep: PreparedRun, out: Path) -> TrainedAdapter:
-    """Tokenize the training split, attach and initialize the adapter, train it with LoRA+ groups."""
+def train_adapter(prep: PreparedRun, out: Path, resume: Path | None = None) -> TrainedAdapter:
+    """Tokenize the training split, attach and initialize the adapter, train it with LoRA+ groups.
+
+    `resume`: a checkpoint of this run; the adapter is attached and initialized as at the
+    start (the same A₀, B₀ and base weights), then Trainer loads the checkpoint on top.
+    """
     import datasets
 
     cfg = prep.cfg
@@ -288,6 +311,10 @@ def train_adapter(prep: PreparedRun, out: Path) -> TrainedAdapter:
     model = adapters.attach_adapter(prep.model, a.init, a.rank, a.alpha, a.dropout, a.target_modules)
     initial = adapters.adapter_snapshot(model)
     dynamics = DynamicsCallback(initial, cfg.train.dynamics_every)
+    progress = checkpoints.read_progress(resume)
+    dynamics.rows = progress.get("dynamics", [])
+    seconds_before = progress.get("train_seconds", 0.0)
+    saver = checkpoints.CheckpointCallback(out, cfg, dynamics.rows, seconds_before)
     divergence = DivergenceCallback()
     packing = cfg.train.packing and can_pack(model, cfg.data.max_length)  # else padded batches, as before
     if packing:
@@ -298,18 +325,21 @@ def train_adapter(prep: PreparedRun, out: Path) -> TrainedAdapter:
         train_dataset=datasets.Dataset.from_list(examples),
         data_collator=PackCollator() if packing else PadCollator(prep.tokenizer.pad_token_id),
         processing_class=prep.tokenizer,
-        callbacks=[dynamics, divergence],
+        callbacks=[dynamics, divergence, saver],
         lr_ratio=a.resolved_lr_ratio,
         micro_batch_tokens=prep.memory.micro_batch_tokens,
     )
     trackers = tracking.TrackerRun(trainer)  # their runs stay open for the final scores, logged after evaluation
     t0 = time.perf_counter()
     try:
-        trainer.train()
+        if progress.get("training_done"):  # killed after training, while evaluating: nothing left to train
+            checkpoints.load_trained(trainer, resume)
+        else:
+            trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     except BaseException:
         trackers.finish()
         raise
-    seconds = time.perf_counter() - t0
+    seconds = seconds_before + time.perf_counter() - t0
     return TrainedAdapter(trainer, initial, dynamics, divergence, trackers, len(examples), dropped, seconds)
 
 
