@@ -67,6 +67,7 @@ def test_tensorboard_gets_training_loss_final_scores_method_and_lambda(tiny_mode
     }
     for tag, key in final.items():
         assert scalars[tag] == [pytest.approx(metrics[key], rel=1e-6)], tag
+        assert [e.step for e in events.Scalars(tag)] == [metrics["train_steps"]], tag  # at the last step, not 0
 
     content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
     hparams = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams

@@ -66,6 +66,11 @@ class TrackerRun:
             cb.on_train_end = _held  # an instance attribute hides the method until finish() deletes it
         self.args, self.state, self.control = trainer.args, trainer.state, trainer.control
 
+    def follow(self, trainer: Any) -> None:
+        """Take the trainer's state after training: train() replaces the state object it started with, so the
+        final scores would otherwise be logged at step 0."""
+        self.state, self.control = trainer.state, trainer.control
+
     def finish(self, metrics: dict[str, Any] | None = None, hparams: dict[str, Any] | None = None) -> None:
         """Log the final scores found in `metrics` (and `hparams` where the tracker has a place for them), then close."""
         logs = {

@@ -339,6 +339,7 @@ def train_adapter(prep: PreparedRun, out: Path, resume: Path | None = None) -> T
     except BaseException:
         trackers.finish()
         raise
+    trackers.follow(trainer)
     seconds = seconds_before + time.perf_counter() - t0
     return TrainedAdapter(trainer, initial, dynamics, divergence, trackers, len(examples), dropped, seconds)
 
