@@ -24,6 +24,7 @@ from oloraplus import adapters, plots, tracking
 from oloraplus.budget import peak_rss_gb
 from oloraplus.config import RunConfig
 from oloraplus.data import IGNORE_INDEX, PadCollator, tokenize_records
+from oloraplus.distributed import ALONE, Ranks
 from oloraplus.errors import OLoRAPlusError
 from oloraplus.evaluate import corpus_loss, evaluate_model, example_losses
 from oloraplus.fsutil import atomic_write_json, atomic_write_jsonl, atomic_write_text
@@ -205,19 +206,28 @@ def run_training(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
     start_run_folder(out, cfg)
     trained = train_adapter(prep, out)
     trackers, metrics = trained.trackers, None
+    ranks = Ranks.current()  # under torchrun: rank 0 records and saves, all ranks share the evaluation
     try:
-        if not trained.trainer.is_world_process_zero():  # evaluation and saving happen once, on rank 0
-            return {"status": "worker", "train_tokens": int(trained.trainer.state.num_input_tokens_seen)}
-        metrics = record_training(prep, trained, out)
-        if trained.divergence.diverged_step is not None:
-            metrics.update(status="diverged", diverged_step=trained.divergence.diverged_step)
-        else:
-            initial = None if cfg.adapter.init == "gaussian" else trained.initial  # gaussian leaves the base as it was
-            adapters.save_adapter(trained.trainer.model, out / "adapter", initial)
+        tokens = int(trained.trainer.state.num_input_tokens_seen)
+        diverged = trained.divergence.diverged_step is not None
+        if ranks.is_main:
+            metrics = record_training(prep, trained, out)
+            if diverged:
+                metrics.update(status="diverged", diverged_step=trained.divergence.diverged_step)
+            else:
+                # gaussian leaves the base as it was: nothing to convert
+                initial = None if cfg.adapter.init == "gaussian" else trained.initial
+                adapters.save_adapter(trained.trainer.model, out / "adapter", initial)
+        diverged = ranks.from_main(diverged)  # the workers wait here until rank 0 has saved the adapter
+        if not diverged:
             del trained
             prep.model = None  # the trained copy goes before the evaluated one loads: one model in memory at a time
             gc.collect()  # Trainer and its callbacks hold each other: free the model now, not at some later collection
-            metrics.update(evaluate_saved_adapter(prep, out))
+            evaluated = evaluate_saved_adapter(prep, out, ranks)
+            if metrics is not None:
+                metrics.update(evaluated)
+        if not ranks.is_main:
+            return {"status": "worker", "train_tokens": tokens}
         metrics["peak_rss_gb"] = peak_rss_gb()
         atomic_write_json(out / METRICS_FILE, metrics)  # last: marks the run finished
         return metrics
@@ -345,8 +355,10 @@ def record_training(prep: PreparedRun, trained: TrainedAdapter, out: Path) -> di
     }
 
 
-def evaluate_saved_adapter(prep: PreparedRun, out: Path) -> dict[str, Any]:
+def evaluate_saved_adapter(prep: PreparedRun, out: Path, ranks: Ranks = ALONE) -> dict[str, Any]:
     """Validation loss, and unless this is a selection run, test loss, answers and scores (predictions.jsonl).
+
+    Under torchrun every rank calls it and evaluates its share (`ranks`); only rank 0 writes.
 
     Evaluates exactly what a user gets, and what `oloraplus evaluate` loads: the original base
     with the saved adapter merged (one matmul per layer instead of three: faster generation).
@@ -356,7 +368,8 @@ def evaluate_saved_adapter(prep: PreparedRun, out: Path) -> dict[str, Any]:
     merged = adapters.merge_saved_adapter(load_base(cfg.model.name, cfg.model.cache_dir)[0], out / "adapter")
     metrics: dict[str, Any] = {}
     if split.val:
-        val = example_losses(merged, tok, [prep.records[i] for i in split.val], cfg.data.max_length, batch, prep.bf16)
+        val_records = [prep.records[i] for i in split.val]
+        val = example_losses(merged, tok, val_records, cfg.data.max_length, batch, prep.bf16, ranks)
         metrics["val_loss"] = corpus_loss(val)
     if not cfg.eval.test:  # a selection run: validation only, the test split stays unread
         metrics["status"] = "finished" if math.isfinite(metrics.get("val_loss", 0.0)) else "diverged"
@@ -372,6 +385,8 @@ def evaluate_saved_adapter(prep: PreparedRun, out: Path) -> dict[str, Any]:
         cfg.eval.max_new_tokens,
         prep.bf16,
         generate=cfg.eval.generate,
+        ranks=ranks,
     )
-    atomic_write_jsonl(out / "predictions.jsonl", rows)
+    if ranks.is_main:
+        atomic_write_jsonl(out / "predictions.jsonl", rows)
     return {**metrics, **eval_metrics, "status": "finished" if math.isfinite(eval_metrics["eval_loss"]) else "diverged"}
