@@ -21,7 +21,9 @@ from safetensors.torch import load_file
 from oloraplus.cli import main
 
 PROBE = Path(__file__).with_name("torchrun_probe.py")
+FSDP2_PROBE = Path(__file__).with_name("fsdp2_probe.py")
 SRC = Path(__file__).resolve().parents[1] / "src"
+LAUNCH = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 # DDP averages the two ranks' gradients where one process sums one batch: the same numbers up to
 # float rounding, which 4 Adam steps grow to ~1e-7 relative (measured); 1e-5 leaves room, and a
@@ -71,6 +73,18 @@ def _rows(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
 
 
+def _launch(script: Path, *args) -> None:
+    """`torchrun --nproc_per_node 2 script args`, one thread per rank."""
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+    }
+    cmd = [*LAUNCH, str(script), *map(str, args)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def _on_one_thread(argv: list[str]) -> int:
     """As each torchrun rank runs (OMP_NUM_THREADS=1), so both sides round alike."""
     threads = torch.get_num_threads()
@@ -89,20 +103,7 @@ def runs(tiny_model_dir, tmp_path_factory):
     data = tmp / "records.json"
     data.write_text(json.dumps(_records()[:60]))
     two, one, probe = tmp / "two" / "run", tmp / "one" / "run", tmp / "probe"
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
-    }
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    proc = subprocess.run(
-        [*launch, str(PROBE), str(probe), str(two.parent), *_train_args(tiny_model_dir, data, two, 2)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _launch(PROBE, probe, two.parent, *_train_args(tiny_model_dir, data, two, 2))
     assert _on_one_thread(_train_args(tiny_model_dir, data, one, 4)) == 0
     ranks = [json.loads((probe / f"rank-{r}.json").read_text()) for r in (0, 1)]
     return two, one, ranks
@@ -161,3 +162,17 @@ def test_each_file_is_written_once_by_rank_zero(runs):
     renamed = [Path(w[2]).name for w in ranks[0]["writes"] if w[0] == "os.rename"]
     assert sorted(renamed) == sorted(set(renamed)) and "metrics.json" in renamed  # once each, atomically
     assert _files(two) == _files(one)  # no rank-suffixed copy, no temp file left over
+
+
+def test_fsdp2_shards_are_gathered_whole_for_the_dynamics_and_the_saved_adapter(tmp_path):
+    """Trainer shards only on accelerators; torch's fully_shard on 2 CPU ranks gives the same DTensor shards."""
+    _launch(FSDP2_PROBE, tmp_path)
+    for rank in (0, 1):
+        report = json.loads((tmp_path / f"rank-{rank}.json").read_text())
+        assert report["sharded"] > 0  # the adapter's weights really are shards
+        assert report["whole_dynamics"][0]["dB"] > 0
+        assert report["dynamics"][0] == pytest.approx(report["whole_dynamics"][0], rel=1e-6)
+    sharded, whole = (load_file(tmp_path / name / "adapter_model.safetensors") for name in ("sharded", "whole"))
+    assert sharded.keys() == whole.keys() and all(torch.equal(sharded[k], whole[k]) for k in whole)
+    configs = [json.loads((tmp_path / name / "adapter_config.json").read_text()) for name in ("sharded", "whole")]
+    assert configs[0] == configs[1] and configs[0]["r"] == 16  # converted: rank 2r for the original base

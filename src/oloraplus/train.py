@@ -24,7 +24,7 @@ from oloraplus import adapters, plots, tracking
 from oloraplus.budget import peak_rss_gb
 from oloraplus.config import RunConfig
 from oloraplus.data import IGNORE_INDEX, PadCollator, tokenize_records
-from oloraplus.distributed import ALONE, Ranks
+from oloraplus.distributed import ALONE, Ranks, full_tensor
 from oloraplus.errors import OLoRAPlusError
 from oloraplus.evaluate import corpus_loss, evaluate_model, example_losses
 from oloraplus.fsutil import atomic_write_json, atomic_write_jsonl, atomic_write_text
@@ -86,11 +86,12 @@ class OLoRAPlusTrainer(Trainer):
 
         Falls back to Trainer's own path where that path does more than a plain loss:
         outputs wanted, a label smoother or custom loss, or a wrapped model (DDP, whose
-        gradient sync needs the forward to go through the wrapper). Families loss.py does not
+        gradient sync needs the forward to go through the wrapper; FSDP, whose root gathers
+        the embeddings and head only in its own forward). Families loss.py does not
         know get the full logits from response_token_losses itself.
         """
         plain = not return_outputs and self.label_smoother is None and self.compute_loss_func is None
-        if not plain or self.accelerator.unwrap_model(model) is not model:
+        if not plain or self.is_fsdp_enabled or self.accelerator.unwrap_model(model) is not model:
             if is_packed(inputs):  # the packed forward takes positions and boundaries, not a mask
                 inputs = {k: v for k, v in inputs.items() if k != "attention_mask"}
             out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -122,8 +123,9 @@ class DynamicsCallback(TrainerCallback):
         d_a, d_b, drift = [], [], []
         for name, layer in adapters.lora_layers(model):
             # the snapshot stays on the CPU (taken before the Trainer moves the model to an accelerator)
-            a = layer.lora_A[adapters.ADAPTER].weight.float().cpu()
-            b = layer.lora_B[adapters.ADAPTER].weight.float().cpu()
+            # whole weights, also under FSDP2 (where every rank runs this callback and takes part in the gather)
+            a = full_tensor(layer.lora_A[adapters.ADAPTER].weight).float().cpu()
+            b = full_tensor(layer.lora_B[adapters.ADAPTER].weight).float().cpu()
             a0, b0 = self.initial[name]
             d_a.append(float(torch.linalg.norm(a - a0)))
             d_b.append(float(torch.linalg.norm(b - b0)))
@@ -210,6 +212,8 @@ def run_training(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
     try:
         tokens = int(trained.trainer.state.num_input_tokens_seen)
         diverged = trained.divergence.diverged_step is not None
+        # every rank takes part in gathering the adapter whole (FSDP2 shards it; elsewhere its own weights are read)
+        state = None if diverged else adapters.adapter_state(trained.trainer.model)
         if ranks.is_main:
             metrics = record_training(prep, trained, out)
             if diverged:
@@ -217,7 +221,7 @@ def run_training(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
             else:
                 # gaussian leaves the base as it was: nothing to convert
                 initial = None if cfg.adapter.init == "gaussian" else trained.initial
-                adapters.save_adapter(trained.trainer.model, out / "adapter", initial)
+                adapters.save_adapter(trained.trainer.model, out / "adapter", initial, state)
         diverged = ranks.from_main(diverged)  # the workers wait here until rank 0 has saved the adapter
         if not diverged:
             del trained
