@@ -2,8 +2,8 @@
 
 Usage: torchrun ... tests/torchrun_probe.py PROBE_DIR WATCHED_DIR train ARGS...
 
-Writes PROBE_DIR/rank-R.json on each rank: a digest of the trainable parameters right after
-training, how many test/val batches and prompts this rank computed, and every write, rename,
+Writes PROBE_DIR/rank-R.json on each rank: a digest of every weight right after the adapter
+init (before Trainer wraps the model) and of the trainable ones right after training, how many test/val batches and prompts this rank computed, and every write, rename,
 removal or mkdir this process made under WATCHED_DIR (Python's audit hooks see them all but
 those made by native code, e.g. safetensors' own file writes).
 """
@@ -23,7 +23,7 @@ CHANGE_EVENTS = ("os.rename", "os.remove", "os.rmdir", "os.mkdir", "shutil.rmtre
 def main() -> int:
     probe, watched, argv = Path(sys.argv[1]), os.path.abspath(sys.argv[2]), sys.argv[3:]
     rank = int(os.environ.get("RANK", "0"))
-    report: dict = {"writes": [], "loss_batches": 0, "prompts": 0, "digest": None}
+    report: dict = {"writes": [], "loss_batches": 0, "prompts": 0, "init_digest": None, "digest": None}
 
     def under_watch(path) -> bool:
         if path is None or isinstance(path, int):
@@ -43,19 +43,23 @@ def main() -> int:
 
     import torch
 
-    from oloraplus import evaluate, generation, train
+    from oloraplus import adapters, evaluate, generation, train
     from oloraplus.cli import main as cli_main
+    from oloraplus.distributed import full_tensor
 
-    def digest_after(train_adapter):
+    def digest(model, trainable_only: bool) -> str:
+        h = hashlib.sha256()
+        for name, p in sorted(model.named_parameters()):
+            if p.requires_grad or not trainable_only:
+                h.update(name.encode())
+                h.update(full_tensor(p.detach()).to(torch.float32).cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    def digest_after(fn, key, model_of, trainable_only):
         def wrapped(*args, **kwargs):
-            trained = train_adapter(*args, **kwargs)
-            h = hashlib.sha256()
-            for name, p in sorted(trained.trainer.model.named_parameters()):
-                if p.requires_grad:
-                    h.update(name.encode())
-                    h.update(p.detach().to(torch.float32).contiguous().numpy().tobytes())
-            report["digest"] = h.hexdigest()
-            return trained
+            result = fn(*args, **kwargs)
+            report[key] = digest(model_of(result), trainable_only)
+            return result
 
         return wrapped
 
@@ -66,7 +70,9 @@ def main() -> int:
 
         return wrapped
 
-    train.train_adapter = digest_after(train.train_adapter)
+    # every weight right after the OLoRA init, before Trainer wraps (DDP, FSDP) the model
+    adapters.attach_adapter = digest_after(adapters.attach_adapter, "init_digest", lambda m: m, False)
+    train.train_adapter = digest_after(train.train_adapter, "digest", lambda t: t.trainer.model, True)
     evaluate._batch_losses = counting(evaluate._batch_losses, "loss_batches", lambda *a, **k: 1)
     generation.greedy_decode = counting(
         generation.greedy_decode, "prompts", lambda model, prompts, *a, **k: len(prompts)
