@@ -1,8 +1,12 @@
 """Work split over ranks comes back whole and in order; alone, it is a plain call."""
 
+from pathlib import Path
+
 import pytest
 
 from oloraplus.distributed import ALONE, Ranks, interleave
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("n, world", [(7, 2), (6, 3), (1, 2), (0, 2), (5, 8)])
@@ -29,3 +33,14 @@ def test_a_single_process_maps_the_whole_list_and_keeps_its_own_value():
 def test_work_must_give_one_result_per_item():
     with pytest.raises(ValueError, match="2 results for 3 items"):
         ALONE.map_shared(lambda share: share[:2], [1, 2, 3])
+
+
+@pytest.mark.parametrize("name, kind", [("ddp", "MULTI_GPU"), ("fsdp", "FSDP")])
+def test_the_accelerate_configs_load_as_accelerate_reads_them(name, kind):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(REPO / "examples" / "accelerate" / f"{name}.yaml"))
+    assert config.distributed_type == kind and config.num_processes == 2
+    assert config.mixed_precision == "no"  # --precision decides, as on one process
+    if kind == "FSDP":
+        assert config.fsdp_config["fsdp_version"] == 2  # the only FSDP whose shards oloraplus gathers
