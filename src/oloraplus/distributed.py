@@ -48,9 +48,10 @@ class Ranks:
         A collective: every rank must call it with the same items. `work` must return one result
         per item it was given, and an item's result must not depend on which other items share its call.
         """
-        mine = work(self.share(items))
-        if len(mine) != len(self.share(items)):
-            raise ValueError(f"work returned {len(mine)} results for {len(self.share(items))} items")
+        share = self.share(items)
+        mine = work(share)
+        if len(mine) != len(share):
+            raise ValueError(f"work returned {len(mine)} results for {len(share)} items")
         if self.world == 1:
             return mine
         parts: list[Any] = [None] * self.world
