@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
 
+from oloraplus.distributed import full_tensor
 from oloraplus.errors import OLoRAPlusError
 
 ADAPTER = "default"
@@ -170,19 +171,33 @@ def adapter_snapshot(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Te
     }
 
 
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's whole weights, keyed as in `model.state_dict()`, for `save_adapter`.
+
+    Under FSDP2 each rank holds a shard of every weight: all ranks must call this, and each
+    gets the whole adapter (the lora_* weights only: megabytes, not the base model).
+    """
+    return {name: full_tensor(t.detach()).cpu() for name, t in model.state_dict().items() if ".lora_" in name}
+
+
 def merge_saved_adapter(base: PreTrainedModel, adapter_dir: str | Path) -> PreTrainedModel:
     """The original base model with an adapter saved by `save_adapter` merged into its weights."""
     return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
 
 
 def save_adapter(
-    model: PeftModel, out_dir: str | Path, initial: dict[str, tuple[torch.Tensor, torch.Tensor]] | None
+    model: PeftModel,
+    out_dir: str | Path,
+    initial: dict[str, tuple[torch.Tensor, torch.Tensor]] | None,
+    state: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Save in PEFT format so it applies to the ORIGINAL base model.
 
     `initial`: the (A₀, B₀) that `olora_init` returned (or `adapter_snapshot` taken right
     after an init that changed the base); None where the base was left as it was
     (PEFT's default gaussian init), which is a plain `save_pretrained`.
+    `state`: the adapter's weights from `adapter_state` where the model's own are sharded
+    (FSDP); None reads them from the model.
 
     OLoRA and PiSSA subtract s·B₀A₀ from the base weights. On the original base the
     fine-tuned delta is s·(BA − B₀A₀) = s·[B, −B₀]·[A; A₀]: a rank-2r LoRA with the
@@ -190,7 +205,7 @@ def save_adapter(
     does the same; we hold A₀, B₀ already, so we write the result directly.
     """
     out_dir = Path(out_dir)
-    model.save_pretrained(out_dir)
+    model.save_pretrained(out_dir, **({} if state is None else {"state_dict": state}))
     if initial is None:  # the base is untouched, nothing to convert
         return
     weights_file = out_dir / "adapter_model.safetensors"

@@ -18,6 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from oloraplus.adapters import merge_saved_adapter
 from oloraplus.config import load_config
 from oloraplus.data import PadCollator, length_sorted_batches, tokenize_example
+from oloraplus.distributed import ALONE, Ranks
 from oloraplus.errors import OLoRAPlusError
 from oloraplus.fsutil import atomic_write_json, atomic_write_jsonl
 from oloraplus.generation import generate_answers
@@ -38,14 +39,16 @@ def example_losses(
     max_length: int,
     batch_size: int,
     bf16: bool = False,
+    ranks: Ranks = ALONE,
 ) -> list[tuple[float, int]]:
     """(summed response-token loss, response tokens) per record; (nan, 0) where truncation left none.
 
     Known families run packed batches of `batch_size` examples (no padding; packing.py),
-    others right-padded ones; the sums agree to float rounding.
+    others right-padded ones; the sums agree to float rounding. Under torchrun (`ranks`) each
+    rank runs every world-th batch of the same length-sorted batches, so each record's loss
+    comes from the very batch it has on one process: the same numbers, on every rank.
     """
     model.eval()
-    device = next(model.parameters()).device
     examples = [tokenize_example(tokenizer, r, max_length) for r in records]
     out: list[tuple[float, int]] = [(math.nan, 0)] * len(records)
     kept = [i for i, ex in enumerate(examples) if ex is not None]
@@ -53,23 +56,35 @@ def example_losses(
     if packed:
         use_packed_attention(model)
     collate = PackCollator() if packed else PadCollator(tokenizer.pad_token_id)
-    for batch_ids in length_sorted_batches([examples[i]["length"] for i in kept], batch_size):
-        idx = [kept[j] for j in batch_ids]
-        batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in collate([examples[i] for i in idx]).items()}
-        with autocast_context(model, bf16):
-            token_loss, mask = batch_token_losses(model, batch)
-        if packed:  # which example each labelled target belongs to
-            lengths = [examples[i]["length"] for i in idx]
-            owner = torch.repeat_interleave(torch.arange(len(idx), device=device), torch.tensor(lengths, device=device))
-            row = owner[1:][mask[0]]
-            counts = torch.zeros(len(idx), dtype=torch.long, device=device).index_add_(0, row, torch.ones_like(row))
-        else:
-            row = mask.nonzero()[:, 0]
-            counts = mask.sum(1)
-        sums = torch.zeros(len(idx), device=device).index_add_(0, row, token_loss)
-        for k, i in enumerate(idx):
-            out[i] = (float(sums[k]), int(counts[k]))
+    batches = list(length_sorted_batches([examples[i]["length"] for i in kept], batch_size))
+
+    def losses_of(share: list[list[int]]) -> list[list[tuple[float, int]]]:
+        return [_batch_losses(model, [examples[kept[j]] for j in ids], collate, packed, bf16) for ids in share]
+
+    for ids, results in zip(batches, ranks.map_shared(losses_of, batches)):
+        for j, result in zip(ids, results):
+            out[kept[j]] = result
     return out
+
+
+def _batch_losses(
+    model: PreTrainedModel, examples: list[dict], collate, packed: bool, bf16: bool
+) -> list[tuple[float, int]]:
+    """(summed response-token loss, response tokens) per example of one batch."""
+    device = next(model.parameters()).device
+    batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in collate(examples).items()}
+    with autocast_context(model, bf16):
+        token_loss, mask = batch_token_losses(model, batch)
+    if packed:  # which example each labelled target belongs to
+        lengths = torch.tensor([ex["length"] for ex in examples], device=device)
+        owner = torch.repeat_interleave(torch.arange(len(examples), device=device), lengths)
+        row = owner[1:][mask[0]]
+        counts = torch.zeros(len(examples), dtype=torch.long, device=device).index_add_(0, row, torch.ones_like(row))
+    else:
+        row = mask.nonzero()[:, 0]
+        counts = mask.sum(1)
+    sums = torch.zeros(len(examples), device=device).index_add_(0, row, token_loss)
+    return [(float(sums[k]), int(counts[k])) for k in range(len(examples))]
 
 
 def corpus_loss(losses: list[tuple[float, int]]) -> float:
@@ -89,10 +104,11 @@ def evaluate_model(
     max_new_tokens: int,
     bf16: bool,
     generate: bool = True,
+    ranks: Ranks = ALONE,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Metrics and one prediction row per test record."""
+    """Metrics and one prediction row per test record; under torchrun (`ranks`) split over ranks, whole on each."""
     t0 = time.perf_counter()
-    losses = example_losses(model, tokenizer, records, max_length, batch_size, bf16)
+    losses = example_losses(model, tokenizer, records, max_length, batch_size, bf16, ranks)
     metrics: dict[str, Any] = {"eval_loss": corpus_loss(losses), "eval_loss_seconds": time.perf_counter() - t0}
     rows = [
         {
@@ -108,7 +124,9 @@ def evaluate_model(
     ]
     if generate:
         t1 = time.perf_counter()
-        answers, n_generated = generate_answers(model, tokenizer, records, max_new_tokens, batch_size, bf16)
+        answers, n_generated = generate_answers(
+            model, tokenizer, records, max_new_tokens, batch_size, bf16, ranks=ranks
+        )
         gen_seconds = time.perf_counter() - t1
         scores = score_texts(answers, [r["output"] for r in records])
         metrics.update({k: scores[k] for k in ("bleu", *ROUGE_TYPES)})

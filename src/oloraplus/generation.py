@@ -10,6 +10,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
 from oloraplus.data import prompt_ids
+from oloraplus.distributed import ALONE, Ranks
 from oloraplus.precision import autocast_context
 
 
@@ -176,23 +177,36 @@ def generate_answers(
     batch_size: int,
     bf16: bool = False,
     max_prompt_length: int = 1024,
+    ranks: Ranks = ALONE,
 ) -> tuple[list[str], int]:
-    """Greedy answers, longest prompts first, `batch_size` rows at a time (`greedy_decode`); returns (answers, generated tokens)."""
+    """Greedy answers, longest prompts first, `batch_size` rows at a time (`greedy_decode`); returns (answers, generated tokens).
+
+    Under torchrun (`ranks`) each rank decodes every world-th prompt of that order and every
+    rank gets all answers. A row's tokens do not depend on the rows beside it up to float
+    rounding: in fp32 its logits move by at most 5e-5 (SmolLM2-135M, benchmarks/batch_dependence.py),
+    so an answer differs from one process's only where a step's top two logits are closer than that.
+    """
     model.eval()
     prompts = [prompt_ids(tokenizer, r)[-max_prompt_length:] for r in records]
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # memory peaks at once, not late
     # generation is most of a run's evaluation time (minutes on a CPU): show it like training's bar
-    progress = tqdm(total=len(records), desc="generating answers", unit="answer", leave=False)
-    with autocast_context(model, bf16):
-        rows = greedy_decode(
-            model,
-            [prompts[i] for i in order],
-            max_new_tokens,
-            tokenizer.eos_token_id,
-            tokenizer.pad_token_id,
-            batch_size,
-            on_finished=lambda _: progress.update(1),
-        )
+    progress = tqdm(
+        total=len(ranks.share(order)), desc="generating answers", unit="answer", leave=False, disable=not ranks.is_main
+    )
+
+    def decode(share: list[int]) -> list[list[int]]:
+        with autocast_context(model, bf16):
+            return greedy_decode(
+                model,
+                [prompts[i] for i in share],
+                max_new_tokens,
+                tokenizer.eos_token_id,
+                tokenizer.pad_token_id,
+                batch_size,
+                on_finished=lambda _: progress.update(1),
+            )
+
+    rows = ranks.map_shared(decode, order)
     progress.close()
     answers: list[str] = [""] * len(records)
     for i, row in zip(order, rows):

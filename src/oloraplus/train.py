@@ -25,6 +25,7 @@ from oloraplus import adapters, checkpoints, plots, tracking
 from oloraplus.budget import peak_rss_gb
 from oloraplus.config import RunConfig
 from oloraplus.data import IGNORE_INDEX, PadCollator, tokenize_records
+from oloraplus.distributed import ALONE, Ranks, full_tensor
 from oloraplus.errors import OLoRAPlusError
 from oloraplus.evaluate import corpus_loss, evaluate_model, example_losses
 from oloraplus.fsutil import atomic_write_json, atomic_write_jsonl, atomic_write_text
@@ -86,11 +87,12 @@ class OLoRAPlusTrainer(Trainer):
 
         Falls back to Trainer's own path where that path does more than a plain loss:
         outputs wanted, a label smoother or custom loss, or a wrapped model (DDP, whose
-        gradient sync needs the forward to go through the wrapper). Families loss.py does not
+        gradient sync needs the forward to go through the wrapper; FSDP, whose root gathers
+        the embeddings and head only in its own forward). Families loss.py does not
         know get the full logits from response_token_losses itself.
         """
         plain = not return_outputs and self.label_smoother is None and self.compute_loss_func is None
-        if not plain or self.accelerator.unwrap_model(model) is not model:
+        if not plain or self.is_fsdp_enabled or self.accelerator.unwrap_model(model) is not model:
             if is_packed(inputs):  # the packed forward takes positions and boundaries, not a mask
                 inputs = {k: v for k, v in inputs.items() if k != "attention_mask"}
             out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -122,8 +124,9 @@ class DynamicsCallback(TrainerCallback):
         d_a, d_b, drift = [], [], []
         for name, layer in adapters.lora_layers(model):
             # the snapshot stays on the CPU (taken before the Trainer moves the model to an accelerator)
-            a = layer.lora_A[adapters.ADAPTER].weight.float().cpu()
-            b = layer.lora_B[adapters.ADAPTER].weight.float().cpu()
+            # whole weights, also under FSDP2 (where every rank runs this callback and takes part in the gather)
+            a = full_tensor(layer.lora_A[adapters.ADAPTER].weight).float().cpu()
+            b = full_tensor(layer.lora_B[adapters.ADAPTER].weight).float().cpu()
             a0, b0 = self.initial[name]
             d_a.append(float(torch.linalg.norm(a - a0)))
             d_b.append(float(torch.linalg.norm(b - b0)))
@@ -217,19 +220,30 @@ def run_training(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
         print(f"resuming {out} from its checkpoint at step {resume.name.rsplit('-', 1)[-1]}", flush=True)
     trained = train_adapter(prep, out, resume)
     trackers, metrics = trained.trackers, None
+    ranks = Ranks.current()  # under torchrun: rank 0 records and saves, all ranks share the evaluation
     try:
-        if not trained.trainer.is_world_process_zero():  # evaluation and saving happen once, on rank 0
-            return {"status": "worker", "train_tokens": int(trained.trainer.state.num_input_tokens_seen)}
-        metrics = record_training(prep, trained, out)
-        if trained.divergence.diverged_step is not None:
-            metrics.update(status="diverged", diverged_step=trained.divergence.diverged_step)
-        else:
-            initial = None if cfg.adapter.init == "gaussian" else trained.initial  # gaussian leaves the base as it was
-            adapters.save_adapter(trained.trainer.model, out / "adapter", initial)
+        tokens = int(trained.trainer.state.num_input_tokens_seen)
+        diverged = trained.divergence.diverged_step is not None
+        # every rank takes part in gathering the adapter whole (FSDP2 shards it; elsewhere its own weights are read)
+        state = None if diverged else adapters.adapter_state(trained.trainer.model)
+        if ranks.is_main:
+            metrics = record_training(prep, trained, out)
+            if diverged:
+                metrics.update(status="diverged", diverged_step=trained.divergence.diverged_step)
+            else:
+                # gaussian leaves the base as it was: nothing to convert
+                initial = None if cfg.adapter.init == "gaussian" else trained.initial
+                adapters.save_adapter(trained.trainer.model, out / "adapter", initial, state)
+        diverged = ranks.from_main(diverged)  # the workers wait here until rank 0 has saved the adapter
+        if not diverged:
             del trained
             prep.model = None  # the trained copy goes before the evaluated one loads: one model in memory at a time
             gc.collect()  # Trainer and its callbacks hold each other: free the model now, not at some later collection
-            metrics.update(evaluate_saved_adapter(prep, out))
+            evaluated = evaluate_saved_adapter(prep, out, ranks)
+            if metrics is not None:
+                metrics.update(evaluated)
+        if not ranks.is_main:
+            return {"status": "worker", "train_tokens": tokens}
         metrics["peak_rss_gb"] = peak_rss_gb()
         atomic_write_json(out / METRICS_FILE, metrics)  # last: marks the run finished
         checkpoints.remove_checkpoints(out)  # nothing left to resume
@@ -376,8 +390,10 @@ def record_training(prep: PreparedRun, trained: TrainedAdapter, out: Path) -> di
     }
 
 
-def evaluate_saved_adapter(prep: PreparedRun, out: Path) -> dict[str, Any]:
+def evaluate_saved_adapter(prep: PreparedRun, out: Path, ranks: Ranks = ALONE) -> dict[str, Any]:
     """Validation loss, and unless this is a selection run, test loss, answers and scores (predictions.jsonl).
+
+    Under torchrun every rank calls it and evaluates its share (`ranks`); only rank 0 writes.
 
     Evaluates exactly what a user gets, and what `oloraplus evaluate` loads: the original base
     with the saved adapter merged (one matmul per layer instead of three: faster generation).
@@ -387,7 +403,8 @@ def evaluate_saved_adapter(prep: PreparedRun, out: Path) -> dict[str, Any]:
     merged = adapters.merge_saved_adapter(load_base(cfg.model.name, cfg.model.cache_dir)[0], out / "adapter")
     metrics: dict[str, Any] = {}
     if split.val:
-        val = example_losses(merged, tok, [prep.records[i] for i in split.val], cfg.data.max_length, batch, prep.bf16)
+        val_records = [prep.records[i] for i in split.val]
+        val = example_losses(merged, tok, val_records, cfg.data.max_length, batch, prep.bf16, ranks)
         metrics["val_loss"] = corpus_loss(val)
     if not cfg.eval.test:  # a selection run: validation only, the test split stays unread
         metrics["status"] = "finished" if math.isfinite(metrics.get("val_loss", 0.0)) else "diverged"
@@ -403,6 +420,8 @@ def evaluate_saved_adapter(prep: PreparedRun, out: Path) -> dict[str, Any]:
         cfg.eval.max_new_tokens,
         prep.bf16,
         generate=cfg.eval.generate,
+        ranks=ranks,
     )
-    atomic_write_jsonl(out / "predictions.jsonl", rows)
+    if ranks.is_main:
+        atomic_write_jsonl(out / "predictions.jsonl", rows)
     return {**metrics, **eval_metrics, "status": "finished" if math.isfinite(eval_metrics["eval_loss"]) else "diverged"}
