@@ -79,3 +79,19 @@ def test_sacrebleu_still_has_the_private_statistics_api_we_use():
     assert len(stats) == len(PREDS) and all(
         len(row) == 10 for row in stats
     )  # hits/totals for 1-4 grams, sys/ref length
+
+
+def test_evaluation_runs_on_this_process_gpu_where_there_is_one(monkeypatch):
+    """A model loaded for evaluation is not placed by Trainer: without this it stayed on the CPU of a GPU run."""
+    import torch
+
+    from oloraplus.models import compute_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert compute_device() == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "1")  # torchrun's second process on this node
+    assert compute_device() == torch.device("cuda", 1)
+    monkeypatch.delenv("LOCAL_RANK")
+    assert compute_device() == torch.device("cuda", 0)

@@ -27,7 +27,7 @@ from transformers.utils import logging as hf_logging
 from oloraplus.config import coerce
 from oloraplus.data import conversation_ids
 from oloraplus.errors import OLoRAPlusError
-from oloraplus.models import load_base
+from oloraplus.models import compute_device, load_base
 from oloraplus.prepare import load_tuned
 
 QUIT = ("/quit", "/exit")
@@ -60,9 +60,7 @@ def load_chat_model(run_dir: str | None, model_name: str | None) -> tuple[PreTra
         model, tokenizer = load_base(model_name)
     else:
         raise OLoRAPlusError("chat needs a run folder (oloraplus chat RUN) or a base model (--model NAME)")
-    if torch.cuda.is_available():
-        model = model.to("cuda")
-    return model.eval(), tokenizer
+    return model.to(compute_device()).eval(), tokenizer
 
 
 class Chat:

@@ -23,6 +23,7 @@ from oloraplus.errors import OLoRAPlusError
 from oloraplus.fsutil import atomic_write_json, atomic_write_jsonl
 from oloraplus.generation import generate_answers
 from oloraplus.loss import batch_token_losses
+from oloraplus.models import compute_device
 from oloraplus.packing import PackCollator, can_pack, use_packed_attention
 from oloraplus.precision import autocast_context, keep_freed_memory_mapped
 from oloraplus.prepare import PreparedRun
@@ -168,6 +169,7 @@ def evaluate_run(
     model = prep.model
     if run_dir is not None:
         model = merge_saved_adapter(model, Path(run_dir) / "adapter")
+    model.to(compute_device())
     keep_freed_memory_mapped()
     test = [prep.records[i] for i in prep.split.test]
     metrics, rows = evaluate_model(

@@ -120,6 +120,16 @@ def load_base(name: str, cache_dir: str | None = None) -> tuple[PreTrainedModel,
     return model, tokenizer
 
 
+def compute_device() -> torch.device:
+    """Where evaluation and chat run: this process's GPU (LOCAL_RANK under torchrun) where there is one, else the CPU.
+
+    Trainer places the model it trains itself; a model loaded for evaluation would stay on the CPU.
+    """
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
 # Families whose logits are exactly lm_head(decoder(...).last_hidden_state). Others
 # (logit softcapping, logit scaling, router auxiliary losses) use their own forward.
 HEAD_ONLY_FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "smollm3"})

@@ -30,7 +30,7 @@ from oloraplus.errors import OLoRAPlusError
 from oloraplus.evaluate import corpus_loss, evaluate_model, example_losses
 from oloraplus.fsutil import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from oloraplus.loss import batch_token_losses
-from oloraplus.models import load_base
+from oloraplus.models import compute_device, load_base
 from oloraplus.optim import loraplus_optimizer
 from oloraplus.packing import PackCollator, can_pack, is_packed, split_packed, use_packed_attention
 from oloraplus.precision import keep_freed_memory_mapped
@@ -401,6 +401,7 @@ def evaluate_saved_adapter(prep: PreparedRun, out: Path, ranks: Ranks = ALONE) -
     """
     cfg, split, tok, batch = prep.cfg, prep.split, prep.tokenizer, prep.memory.eval_batch_size
     merged = adapters.merge_saved_adapter(load_base(cfg.model.name, cfg.model.cache_dir)[0], out / "adapter")
+    merged.to(compute_device())
     metrics: dict[str, Any] = {}
     if split.val:
         val_records = [prep.records[i] for i in split.val]
