@@ -39,7 +39,7 @@ def _base_config() -> dict:
 
 
 def _predictions(quality: str, loss: float) -> list[dict]:
-    from oloraplus.evaluate import bleu_statistics, rouge_per_example
+    from oloraplus.scoring import bleu_statistics, rouge_per_example
 
     if quality == "good":
         preds = [r.replace("the", "a", 1) for r in REFS]
@@ -126,7 +126,7 @@ def _write_run(
         metrics["diverged_step"] = 40
     else:
         rows = _predictions(quality, loss)
-        from oloraplus.evaluate import bleu_from_statistics
+        from oloraplus.scoring import bleu_from_statistics
 
         metrics.update(
             eval_loss=sum(r["loss"] for r in rows) / len(rows),
@@ -451,7 +451,7 @@ PAIR_GAIN = [0.05, 0.6, -0.3, 0.45, 0.0, 0.35, -0.15, 0.25]  # baseline − olor
 
 def _pair_rows(method: str, seed: int) -> list[dict]:
     """One run's prediction rows, in a shuffled order, with per-example and per-run token counts."""
-    from oloraplus.evaluate import bleu_statistics, rouge_per_example
+    from oloraplus.scoring import bleu_statistics, rouge_per_example
 
     plus = method == "olora+"
     preds = [
@@ -492,7 +492,7 @@ def _token_weighted(rows: list[dict]) -> float:
 @pytest.fixture(scope="module")
 def paired(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[tuple[str, int], list[dict]]]:
     """olora and olora+ λ=4, seeds 0 and 1, with the rows above; the report written once."""
-    from oloraplus.evaluate import bleu_from_statistics
+    from oloraplus.scoring import bleu_from_statistics
 
     root = tmp_path_factory.mktemp("paired") / "study"
     base = _base_config()

@@ -29,7 +29,7 @@ from oloraplus.precision import autocast_context, keep_freed_memory_mapped
 from oloraplus.prepare import PreparedRun
 
 # moved to scoring.py (torch-free, for stats.py); still importable from here until report's tests import them there
-from oloraplus.scoring import ROUGE_TYPES, bleu_from_statistics, bleu_statistics, rouge_per_example, score_texts  # noqa: F401
+from oloraplus.scoring import ROUGE_TYPES, score_texts
 
 
 @torch.no_grad()
