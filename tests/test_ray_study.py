@@ -14,6 +14,8 @@ import os
 import re
 import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import ClassVar
 
@@ -120,12 +122,20 @@ def _results(study: Path) -> dict[str, object]:
     return out
 
 
-def _started(out: str) -> dict[str, int]:
-    """How many times each run started, from the driver's progress lines."""
+def _count(pattern: str, out: str) -> dict[str, int]:
     counts: dict[str, int] = {}
-    for run_id in re.findall(r"\] (\S+) started on ", out):
+    for run_id in re.findall(pattern, out):
         counts[run_id] = counts.get(run_id, 0) + 1
     return counts
+
+
+def _started(out: str) -> dict[str, int]:
+    """How many times each run started, from the driver's progress lines."""
+    return _count(r"\] (\S+) started on ", out)
+
+
+def _finished(out: str) -> dict[str, int]:
+    return _count(r"\] (\S+) finished, eval loss ", out)
 
 
 def test_ray_study_trains_each_run_once_and_matches_sequential(
@@ -135,7 +145,7 @@ def test_ray_study_trains_each_run_once_and_matches_sequential(
     study = tmp_path / "study"
     assert main(_args(tiny_model_dir, records, study, "--ray", "local")) == 0
     out = capsys.readouterr().out
-    assert _started(out) == dict.fromkeys(RUN_IDS, 1)
+    assert _started(out) == dict.fromkeys(RUN_IDS, 1) == _finished(out)
     assert "[test: 4 done, 0 running, 0 failed, 0 left" in out
     assert _results(study) == _results(sequential)
 
@@ -182,6 +192,7 @@ def test_a_killed_worker_s_run_is_retried_and_the_study_finishes(
     [victim] = KillFirstStart.killed
     assert _started(out) == {r: 2 if r == victim else 1 for r in RUN_IDS}  # the killed run again, no other
     assert f"{victim} started on " in out and "attempt 2 of 3" in out
+    assert _finished(out) == dict.fromkeys(RUN_IDS, 1)  # trained to the end once each
     assert _results(study) == _results(sequential)
 
 
@@ -223,6 +234,40 @@ def test_a_run_that_keeps_dying_is_recorded_failed_the_rest_go_on_and_a_rerun_re
         k: v for k, v in before.items() if not k.startswith(victim)
     }
     assert _results(study) == _results(sequential)
+
+
+TUNED = ["--methods", "olora", "--seeds", "0", "--protocol", "tuned", "--lrs", "1e-4,4e-4", "--val_fraction", "0.25"]
+
+
+def test_both_stages_of_protocol_tuned_run_on_ray_and_choose_as_sequential(
+    ray_session, tiny_model_dir, records, tmp_path, capsys
+):
+    """The lr selection runs, then the test run at the chosen lr, each stage as Ray tasks; the same choice and
+    results as the sequential study."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(_args(tiny_model_dir, records, tmp_path / "sequential", *TUNED)) == 0
+    finally:
+        torch.set_num_threads(threads)
+    capsys.readouterr()
+    study = tmp_path / "ray"
+    assert main(_args(tiny_model_dir, records, study, *TUNED, "--ray", "local")) == 0
+    out = capsys.readouterr().out
+    assert "(lr selection): 2 runs, 0 already finished, 2 to run on Ray" in out
+    assert "(test): 1 runs, 0 already finished, 1 to run on Ray" in out
+    assert _started(out) == {
+        "olora_lam1_lr0.0001_seed0_select": 1,
+        "olora_lam1_lr0.0004_seed0_select": 1,
+        f"olora_lam1_lr{json.loads((study / 'selection.json').read_text())['olora/1']['chosen_lr']:g}_seed0": 1,
+    }
+    assert _results(study) == _results(tmp_path / "sequential")
+
+
+def test_importing_the_study_code_imports_neither_ray_nor_torch():
+    code = "import sys, oloraplus.cli, oloraplus.study, oloraplus.ray_study; print('ray' in sys.modules, 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="needs a tracker that is not installed")

@@ -33,7 +33,7 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -230,6 +230,9 @@ def install_run_folder(cfg: RunConfig, files: bytes) -> None:
     incoming = target.parent.parent / INCOMING_DIR
     incoming.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=incoming, prefix=f"{target.name}."))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a run folder is made like any other folder
     try:
         with tarfile.open(fileobj=io.BytesIO(files)) as tf:
             tf.extractall(tmp, filter="data")
@@ -397,6 +400,7 @@ def ray_runner(opts: RayOptions) -> Iterator[RayRunner]:
         yield runner
     finally:
         if runner is not None:
-            ray.kill(runner.board)
+            with suppress(Exception):  # a cluster already gone must not hide the error that ended the study
+                ray.kill(runner.board)
         if opened:
             ray.shutdown()
