@@ -310,3 +310,25 @@ def test_bad_ray_input_is_one_line_exit_2_and_touches_nothing(
     err = capsys.readouterr().err.strip()
     assert err.startswith("oloraplus: error: ") and message in err and "\n" not in err
     assert _snapshot(study) == before
+
+
+def test_ray_local_starts_its_own_cluster_of_the_given_size_and_refuses_a_run_it_cannot_host(
+    tiny_model_dir, records, tmp_path
+):
+    """Outside this module's session: `--ray local` starts a cluster (here of 1 CPU), finds that no node can take a
+    2-CPU run, says so in one line, exits 2 and closes the cluster; the study folder is not even made."""
+    study = tmp_path / "study"
+    args = _args(tiny_model_dir, records, study, "--ray", "local", "--ray_local_cpus", "1", "--ray_cpus_per_run", "2")
+    proc = subprocess.run(
+        [sys.executable, "-m", "oloraplus.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "RAY_ADDRESS": ""},
+    )
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("oloraplus: error: ")]
+    assert errors == [
+        "oloraplus: error: no node of the Ray cluster (local) can take a run asking for 2 CPU(s) and 0 GPU(s) "
+        "(--ray_cpus_per_run, --ray_gpus_per_run); the largest offers 1 CPU(s) and 0 GPU(s)"
+    ]
+    assert not study.exists()

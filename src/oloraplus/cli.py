@@ -224,19 +224,27 @@ def _add_ray_options(parser: argparse.ArgumentParser) -> None:
         help="train the runs as Ray tasks: local (start a Ray cluster on this machine), auto (the cluster `ray start` "
         "made here), or the head's HOST:PORT / ray://HOST:10001 [default: no Ray, one run after another]",
     )
-    group.add_argument("--ray_cpus_per_run", help="CPUs each run asks for, also its torch threads [default: 1]")
+    group.add_argument(
+        "--ray_cpus_per_run", metavar="N", help="CPUs each run asks for, also its torch threads [default: 1]"
+    )
     group.add_argument(
         "--ray_gpus_per_run",
+        metavar="SHARE",
         help="share of a GPU each run asks for; 0.25 lets four small runs share one [default: 0.25 on a cluster "
         "with GPUs, else 0]",
     )
-    group.add_argument("--ray_retries", help="times a run is retried after its worker or node died [default: 2]")
+    group.add_argument(
+        "--ray_retries", metavar="N", help="times a run is retried after its worker or node died [default: 2]"
+    )
     group.add_argument(
         "--ray_sync",
+        metavar="MODE",
         help="shared: every node sees the study folder at the same path; driver: the nodes share no filesystem, "
         "each run's files come back through Ray and this process writes them [default: shared]",
     )
-    group.add_argument("--ray_local_cpus", help="CPUs of the cluster --ray local starts [default: all cores]")
+    group.add_argument(
+        "--ray_local_cpus", metavar="N", help="CPUs of the cluster --ray local starts [default: all cores]"
+    )
 
 
 # ---------------------------------------------------------------- parser

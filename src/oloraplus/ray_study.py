@@ -117,7 +117,8 @@ def _connect(opts: RayOptions) -> bool:
     if opts.address == LOCAL:
         if ray.is_initialized():  # a session this process opened already (a notebook, a test): run on it
             return False
-        ray.init(num_cpus=opts.local_cpus, include_dashboard=False, **quiet)
+        # "local": a new cluster, even where RAY_ADDRESS or a `ray start` on this machine names another
+        ray.init(address="local", num_cpus=opts.local_cpus, include_dashboard=False, **quiet)
         return True
     if ray.is_initialized():
         raise OLoRAPlusError(f"a Ray session is already open in this process; cannot also join '{opts.address}'")
