@@ -255,7 +255,7 @@ def test_compare_flags_parse_into_the_grid(flags, expected, monkeypatch, tmp_pat
     from oloraplus.grid import GridConfig
 
     seen = {}
-    monkeypatch.setattr(study, "run_study_parallel", lambda d, base, grid, workers: seen.update(grid=grid) or [])
+    monkeypatch.setattr(study, "run_study", lambda d, base, grid, runner=None: seen.update(grid=grid) or [])
     assert main(["compare", "--study_dir", str(tmp_path / "s"), "--no_report", *flags]) == 0
     assert seen["grid"] == GridConfig(**expected)
     for name, value in expected.items():  # the same types as the field's, not just equal numbers

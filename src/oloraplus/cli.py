@@ -143,7 +143,7 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
 def cmd_compare(ns: argparse.Namespace) -> int:
     from oloraplus.config import build_config
     from oloraplus.grid import build_grid
-    from oloraplus.study import format_table, run_study_parallel
+    from oloraplus.study import check_study, format_table, run_study
 
     data = _study_file_data(ns)
     grid_data = data.pop("grid", {}) or {}
@@ -151,26 +151,45 @@ def cmd_compare(ns: argparse.Namespace) -> int:
     data.pop("study_dir", None)
     grid = build_grid(grid_data, _grid_overrides(ns))
     base = build_config(data, _overrides(ns), source=ns.config or (f"preset {ns.preset}" if ns.preset else "config"))
-    workers = _positive_int("workers", ns.workers)
-    rows = run_study_parallel(
-        study_dir, base, grid, workers
-    )  # checks the protocol against the run config before any run
+    ray_opts = _ray_options(ns)
+    failed: dict[str, str] = {}
+    if ray_opts is None:
+        rows = run_study(study_dir, base, grid)  # checks the protocol against the run config before any run
+    else:
+        from oloraplus.ray_study import ray_runner
+
+        check_study(study_dir, base, grid)  # a bad grid fails before a cluster is joined or started
+        with ray_runner(ray_opts) as runner:
+            rows = run_study(study_dir, base, grid, runner)
+        failed = runner.failed
     print("\n" + format_table(rows))
+    if failed:
+        print(f"\n{len(failed)} run(s) failed (rerun the same command to retry them):")
+        print("\n".join(f"  {run_id}: {error}" for run_id, error in failed.items()))
     if not ns.no_report:
         from oloraplus.report import write_report
 
         paths = write_report(study_dir)
         print(f"\nreport: {paths[0]}")
-    return 0
+    return 1 if failed else 0
 
 
-def _positive_int(name: str, value: Any) -> int:
-    from oloraplus.config import coerce
+RAY_FLAGS = ("ray_cpus_per_run", "ray_gpus_per_run", "ray_retries", "ray_sync", "ray_local_cpus")
 
-    n = coerce(name, value, int)
-    if n < 1:
-        raise OLoRAPlusError(f"--{name} must be a whole number >= 1, got '{value}'")
-    return n
+
+def _ray_options(ns: argparse.Namespace) -> Any:
+    """RayOptions from the --ray flags, None without --ray (the sequential path)."""
+    given = {name: getattr(ns, name) for name in RAY_FLAGS if getattr(ns, name) is not None}
+    if ns.ray is None:
+        if given:
+            raise OLoRAPlusError(f"--{next(iter(given))} needs --ray (local, auto or the cluster's address)")
+        return None
+    from oloraplus.ray_study import RayOptions
+
+    return RayOptions.parse(
+        ns.ray,
+        **{name.removeprefix("ray_"): value for name, value in given.items()},
+    )
 
 
 def cmd_report(ns: argparse.Namespace) -> int:
@@ -194,6 +213,38 @@ def cmd_export(ns: argparse.Namespace) -> int:
     for path in export_run(ns.run_dir, ns.merged, ns.gguf, ns.gguf_type, ns.overwrite):
         print(path)
     return 0
+
+
+def _add_ray_options(parser: argparse.ArgumentParser) -> None:
+    """Where the study's runs train: how they are spread is not part of the study (study.yaml), so not grid options."""
+    group = parser.add_argument_group("Ray options (several runs at once, on one machine or a cluster)")
+    group.add_argument(
+        "--ray",
+        metavar="WHERE",
+        help="train the runs as Ray tasks: local (start a Ray cluster on this machine), auto (the cluster `ray start` "
+        "made here), or the head's HOST:PORT / ray://HOST:10001 [default: no Ray, one run after another]",
+    )
+    group.add_argument(
+        "--ray_cpus_per_run", metavar="N", help="CPUs each run asks for, also its torch threads [default: 1]"
+    )
+    group.add_argument(
+        "--ray_gpus_per_run",
+        metavar="SHARE",
+        help="share of a GPU each run asks for; 0.25 lets four small runs share one [default: 0.25 on a cluster "
+        "with GPUs, else 0]",
+    )
+    group.add_argument(
+        "--ray_retries", metavar="N", help="times a run is retried after its worker or node died [default: 2]"
+    )
+    group.add_argument(
+        "--ray_sync",
+        metavar="MODE",
+        help="shared: every node sees the study folder at the same path; driver: the nodes share no filesystem, "
+        "each run's files come back through Ray and this process writes them [default: shared]",
+    )
+    group.add_argument(
+        "--ray_local_cpus", metavar="N", help="CPUs of the cluster --ray local starts [default: all cores]"
+    )
 
 
 # ---------------------------------------------------------------- parser
@@ -226,15 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=PRESETS, help="quick | paper-cpu | paper-cpu-tuned | paper (see the README)")
     p.add_argument("--config", help=f"YAML config; a 'grid' section sets {', '.join(GRID_OPTIONS)}")
     p.add_argument("--study_dir", help="study folder (resumable) [default: studies/PRESET]")
-    p.add_argument(
-        "--workers",
-        default="1",
-        help="processes that train runs at once: several GPUs get one each, "
-        "one GPU is shared, CPU cores are split; the same command started "
-        "on machines sharing the study folder also splits the runs "
-        "[default: 1]",
-    )
     p.add_argument("--no_report", action="store_true", help="skip writing the report at the end")
+    _add_ray_options(p)
     _add_grid_options(p)
     _add_run_options(p)
     p.set_defaults(func=cmd_compare)

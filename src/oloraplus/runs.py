@@ -15,6 +15,7 @@ A run folder (`oloraplus train --output_dir`, or STUDY/runs/RUN_ID in a study) h
     metrics.json        written last and atomically: a run folder with it is ended, and its
                         "status" field says finished or diverged; any other folder is resumed from
                         its complete checkpoint, or redone when it has none
+    failed.json         a study on Ray could not finish the run (its error, its attempts); a rerun retries it
     evaluation/         `oloraplus evaluate RUN` writes its metrics.json and predictions.jsonl here
     runs/               TensorBoard event files (Trainer's logging dir), with --report_to tensorboard
 """
@@ -33,6 +34,7 @@ from oloraplus.fsutil import read_jsonl
 # inside a study folder
 STUDY_FILE = "study.yaml"
 RUNS_DIR = "runs"
+INCOMING_DIR = ".incoming"  # run folders sent back by Ray tasks, unpacked here before they move into RUNS_DIR
 
 # inside a run folder
 CONFIG_FILE = "config.yaml"
@@ -43,6 +45,7 @@ ADAPTER_DIR = "adapter"
 ADAPTER_CONFIG_FILE = "adapter_config.json"  # inside ADAPTER_DIR: present once the adapter is saved
 PREDICTIONS_FILE = "predictions.jsonl"
 METRICS_FILE = "metrics.json"
+FAILED_FILE = "failed.json"
 EVALUATION_DIR = "evaluation"
 CHECKPOINT_PREFIX = "checkpoint-"  # transformers' PREFIX_CHECKPOINT_DIR: Trainer names them checkpoint-STEP
 RESUME_FILE = "resume.json"  # inside a checkpoint, written last: a checkpoint without it is partial
@@ -105,6 +108,10 @@ class RunFolder:
         return self.path / METRICS_FILE
 
     @property
+    def failed(self) -> Path:
+        return self.path / FAILED_FILE
+
+    @property
     def evaluation(self) -> Path:
         return self.path / EVALUATION_DIR
 
@@ -141,6 +148,12 @@ class RunFolder:
 
     def read_metrics(self) -> dict[str, Any]:
         return read_json(self.metrics)
+
+    def read_failure(self) -> str | None:
+        """Why the run failed (failed.json's error), None if it has not failed or has ended since."""
+        if self.ended or not self.failed.is_file():
+            return None
+        return str(read_json(self.failed).get("error", "?"))
 
     def read_history(self) -> list[dict[str, Any]]:
         """Trainer's log history; [] when the file is absent."""

@@ -217,7 +217,15 @@ def unfinished_section(study: Study) -> Section | None:
         return None
     return Section(
         say("unfinished_title"),
-        (Paragraph(say("unfinished_intro", n=len(study.unfinished))), BulletList(tuple(study.unfinished))),
+        (
+            Paragraph(say("unfinished_intro", n=len(study.unfinished))),
+            BulletList(
+                tuple(
+                    say("failed_run", run_id=r, error=study.failed[r]) if r in study.failed else r
+                    for r in study.unfinished
+                )
+            ),
+        ),
     )
 
 

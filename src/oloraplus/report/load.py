@@ -102,6 +102,7 @@ class Study:
     expected: int | None  # runs in the grid, None when selection.json cannot be expanded
     selection_runs: list[Run] = field(default_factory=list)  # ended lr-selection runs (validation only)
     selection: dict[str, dict[str, Any]] | None = None  # selection.json, once the lrs are chosen
+    failed: dict[str, str] = field(default_factory=dict)  # unfinished run id -> its failed.json error (Ray studies)
 
     @property
     def baseline(self) -> str:
@@ -181,4 +182,5 @@ def load_study(study_dir: str | Path) -> Study:
         len(expected) if expected is not None else None,
         selection_runs=[r for r in runs if r.kind == "selection"],
         selection=selection,
+        failed={f.run_id: error for f in folders if (error := f.read_failure()) is not None},
     )

@@ -90,6 +90,7 @@ def results_json(
             },
             "selection_runs": len(study.selection_runs),  # validation-only runs, not in the counts above
             "unfinished": study.unfinished,
+            "failed": study.failed,  # why each failed run (a Ray study's) has no results
             "runs": [{"run_id": r.run_id, "kind": r.kind, **r.metrics} for r in runs],
             "table": summary,
             "selection": study.selection,
