@@ -11,6 +11,7 @@ OUT=${OUT:-studies/bench-ray-quick}
 DATA=${DATA:-${OLORAPLUS_DATA:-../shared/data/alpaca/alpaca_sample.json}}
 WORKERS=${WORKERS:-2}
 rm -rf "$OUT"
+mkdir -p "$(dirname "$OUT")"
 common=(--preset quick --data "$DATA" --precision fp32 --no_report)
 echo "CPU: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores; ray $("$BIN/python" -c 'import ray; print(ray.__version__)')"
 t0=$(date +%s.%N)
