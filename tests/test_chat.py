@@ -119,6 +119,19 @@ def test_conversation_format_without_a_chat_template():
     assert conversation_text(templated, [{"role": "user", "content": "Say hi."}]) == prompt_text(templated, rec)
 
 
+def test_an_answer_cut_by_max_new_tokens_says_so_on_stderr(tiny_run, capsys):
+    """A greedy answer that stops mid-sentence at the limit must not look finished; one that ends on EOS says nothing."""
+    assert main(["chat", str(tiny_run), "--prompt", PROMPT, "--max_new_tokens", "2"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.strip() == "(answer cut at --max_new_tokens 2)"
+    assert "cut" not in captured.out
+
+    chat = chat_module.Chat(*load_tuned(tiny_run)[:2], max_new_tokens=3)
+    eos = chat.tokenizer.eos_token_id
+    assert chat.was_cut(torch.tensor([5, 6, 7])) and not chat.was_cut(torch.tensor([5, 6, eos]))
+    assert not chat.was_cut(torch.tensor([5, eos]))  # ended before the limit
+
+
 def test_sampling_flags_sample(tiny_run, capsys):
     torch.manual_seed(0)
     args = ["chat", str(tiny_run), "--prompt", PROMPT, "--max_new_tokens", N, "--temperature", "5", "--top_p", "0.9"]

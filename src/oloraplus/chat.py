@@ -12,7 +12,8 @@ input, so greedy `chat RUN --prompt TEXT` prints what evaluation's `generate_ans
 Three modes: `--prompt TEXT` answers once; a prompt piped on stdin (not a terminal) answers once, for
 scripts; otherwise a conversation whose history is kept until /quit, /exit or end of input (/reset clears
 it). When the conversation outgrows the model's context, the oldest exchanges are left out of the prompt.
-Greedy by default; `--temperature T` > 0 samples (with `--top_p`), `--max_new_tokens` bounds an answer.
+Greedy by default; `--temperature T` > 0 samples (with `--top_p`), `--max_new_tokens` bounds an answer (one
+cut there is followed by a note on stderr, so it does not pass for a finished answer).
 """
 
 from __future__ import annotations
@@ -109,9 +110,19 @@ class Chat:
             generation_config=self.generation,
             streamer=streamer,
         )
-        answer = self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+        new = out[0, ids.shape[1] :]
+        if self.was_cut(new):
+            sys.stdout.flush()  # the note comes after the streamed text, also when stdout is a pipe
+            print(f"(answer cut at --max_new_tokens {self.generation.max_new_tokens})", file=sys.stderr)
+        answer = self.tokenizer.decode(new, skip_special_tokens=True).strip()
         self.messages += [{"role": "user", "content": message}, {"role": "assistant", "content": answer}]
         return answer
+
+    def was_cut(self, new_tokens: torch.Tensor) -> bool:
+        """Whether generation stopped at the token limit rather than on EOS: the answer may end mid-sentence."""
+        eos = self.generation.eos_token_id
+        eos = set(eos if isinstance(eos, list) else [eos])
+        return len(new_tokens) >= self.generation.max_new_tokens and int(new_tokens[-1]) not in eos
 
     def reset(self) -> None:
         self.messages = []

@@ -13,7 +13,8 @@ The model is the run's ORIGINAL base with its adapter merged into the weights (`
   and the output head are q8_0 (llama-quantize also keeps those two finer). Largest |logit difference| from
   the merged model, measured on the tiny test model (logits up to ~0.8; tests/test_export.py holds each to
   the tolerance in brackets): f32 0 [1e-5], f16 8e-4 [3e-3], bf16 1.8e-2 [5e-2], q8_0 7.7e-3 [3e-2],
-  q4_1 0.18 [0.3], q4_0 0.13 [0.3]. On SmolLM2-135M (logits up to 44): f16 0.04, q8_0 1.1, q4_1 18 (README).
+  q4_1 0.18 [0.3], q4_0 0.13 [0.3]. On the demo's SmolLM2-135M adapters (logits up to ~40; transformers /
+  llama.cpp): f16 0.044 / 0.067, q8_0 1.4 / 1.9, q4_1 17 (benchmarks/export_check.py, docs/benchmarks.md).
 
 The GGUF writer is the `gguf` package (llama.cpp's own gguf-py, maintained with llama.cpp, already a
 dependency: transformers reads GGUF with it): GGUFWriter for the file, gguf.quants for the quantized blocks,
