@@ -47,7 +47,7 @@ def main(argv=None):
         train = [tokenize(tok, r) for r in json.load(f)[: a.n_train]]
     # PEFT's default init first; olora_init then sets B = Q_r, A = R_r and W <- W - (alpha/r)·B·A
     peft_model = get_peft_model(
-        model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
+        model, LoraConfig(r=16, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM")
     )
     initial = oloraplus.olora_init(peft_model)  # (A0, B0): what save_adapter needs for the original base
 
