@@ -158,7 +158,7 @@ def run_training(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
     tracking.check_report_to(cfg.train.report_to, installed=True)
     start_run_folder(out, cfg, resume)
     if resume is not None:
-        print(f"resuming {out} from its checkpoint at step {resume.name.rsplit('-', 1)[-1]}", flush=True)
+        print(f"resuming {out} from its checkpoint at step {checkpoints.checkpoint_step(resume)}", flush=True)
     trained = train_adapter(prep, out, resume)
     trackers, metrics = trained.trackers, None
     ranks = Ranks.current()  # under torchrun: rank 0 records and saves, all ranks share the evaluation
@@ -185,6 +185,8 @@ def run_training(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
                 metrics.update(evaluated)
         if not ranks.is_main:
             return {"status": "worker", "train_tokens": tokens}
+        if resume is not None:  # provenance: the results equal an uninterrupted run's, the path to them did not
+            metrics["resumed_from_step"] = checkpoints.checkpoint_step(resume)
         metrics["peak_rss_gb"] = peak_rss_gb()
         atomic_write_json(out / METRICS_FILE, metrics)  # last: marks the run finished
         checkpoints.remove_checkpoints(out)  # nothing left to resume
