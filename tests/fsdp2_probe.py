@@ -20,7 +20,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from oloraplus import adapters
-from oloraplus.train import DynamicsCallback
+from oloraplus.callbacks import DynamicsCallback
 
 
 def main() -> None:

@@ -222,6 +222,7 @@ def _assert_same_results(out: Path, reference: Path) -> None:
     got, want = _results(out), _results(reference)
     assert got["metrics"]["eval_loss"] == pytest.approx(want["metrics"]["eval_loss"], abs=1e-6)
     assert got["metrics"]["train_steps"] == want["metrics"]["train_steps"] == 5
+    assert got["metrics"]["resumed_from_step"] == 2 and "resumed_from_step" not in want["metrics"]
     assert got["metrics"]["train_tokens"] == want["metrics"]["train_tokens"]
     assert got["answers"] == want["answers"] and len(got["answers"]) == 4
     assert got["history"] == want["history"]

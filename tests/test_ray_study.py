@@ -16,6 +16,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import ClassVar
 
@@ -24,7 +26,7 @@ import torch
 
 from oloraplus import ray_study
 from oloraplus.cli import main
-from oloraplus.runs import INCOMING_DIR
+from oloraplus.runs import INCOMING_DIR, RESUME_FILE, RunFolder
 
 # fields that measure the machine, not the result: they differ between any two runs of one config
 TIMING = re.compile(r"seconds|_per_s$|per_second|runtime|rss_gb")
@@ -194,6 +196,59 @@ def test_a_killed_worker_s_run_is_retried_and_the_study_finishes(
     assert f"{victim} started on " in out and "attempt 2 of 3" in out
     assert _finished(out) == dict.fromkeys(RUN_IDS, 1)  # trained to the end once each
     assert _results(study) == _results(sequential)
+
+
+class KillAtCheckpoint(ray_study.Progress):
+    """kill -9 of the worker training the study's first run once that run has a complete checkpoint: mid-training."""
+
+    killed: ClassVar[list[str]] = []
+    study: ClassVar[Path | None] = None
+
+    def started(self, run_id: str, attempt: int, node: str, pid: int) -> None:
+        super().started(run_id, attempt, node, pid)
+        if not self.killed:
+            self.killed.append(run_id)
+            threading.Thread(target=self._kill_at_checkpoint, args=(run_id, pid), daemon=True).start()
+
+    def _kill_at_checkpoint(self, run_id: str, pid: int) -> None:
+        folder = RunFolder.in_study(self.study, run_id)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not any((c / RESUME_FILE).is_file() for c in folder.checkpoints()):
+            time.sleep(0.005)  # polling the folder for the checkpoint's last file, not waiting on a guess
+        os.kill(pid, signal.SIGKILL)
+
+
+def test_a_worker_killed_mid_training_resumes_its_run_from_the_checkpoint(
+    ray_session, tiny_model_dir, records, tmp_path, capsys, monkeypatch
+):
+    """A retried run does not start over: it resumes from the checkpoint its killed attempt left, and ends with the
+    results of a run never killed (the reference trains the same grid without Ray, on 1 thread as each task)."""
+    every = ("--checkpoint_every", "1", "--logging_steps", "1", "--seeds", "0")
+    reference = tmp_path / "reference"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(_args(tiny_model_dir, records, reference, *every)) == 0
+    finally:
+        torch.set_num_threads(threads)
+    study = tmp_path / "study"
+    monkeypatch.setattr(ray_study, "Progress", KillAtCheckpoint)
+    monkeypatch.setattr(KillAtCheckpoint, "killed", [])
+    monkeypatch.setattr(KillAtCheckpoint, "study", study)
+    capsys.readouterr()
+    assert main(_args(tiny_model_dir, records, study, *every, "--ray", "local")) == 0
+    out = capsys.readouterr().out
+    [victim] = KillAtCheckpoint.killed
+    assert _started(out)[victim] == 2 and _finished(out)[victim] == 1
+    metrics = RunFolder.in_study(study, victim).read_metrics()
+    assert metrics["resumed_from_step"] >= 1  # taken up from its checkpoint, not redone
+    assert not RunFolder.in_study(study, victim).checkpoints()  # gone once metrics.json is written
+    got, want = _results(study), _results(reference)
+    got[f"runs/{victim}/metrics.json"].pop("resumed_from_step")
+    for results in (got, want):  # Trainer's end-of-training summary averages only the steps the resumed attempt took
+        history = f"runs/{victim}/history.json"
+        results[history] = [row for row in results[history] if "train_loss" not in row]
+    assert got == want
 
 
 class KillEveryStart(ray_study.Progress):

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from oloraplus.callbacks import DivergenceCallback
 from oloraplus.cli import main
 from oloraplus.config import build_config
 from oloraplus.errors import OLoRAPlusError
 from oloraplus.grid import build_grid, expand_grid
-from oloraplus.train import DivergenceCallback
 
 
 def _compare_args(model_dir, data, study, *extra):

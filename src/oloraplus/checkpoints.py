@@ -81,6 +81,11 @@ def resumable_checkpoint(run_dir: Path, cfg: RunConfig) -> Path | None:
     return ckpt
 
 
+def checkpoint_step(ckpt: Path) -> int:
+    """The optimizer step a checkpoint folder (checkpoint-STEP) was saved at."""
+    return int(ckpt.name.rsplit("-", 1)[-1])
+
+
 def read_progress(ckpt: Path | None) -> dict[str, Any]:
     """What resume.json adds to Trainer's checkpoint: dynamics rows and training seconds so far ({} for none)."""
     return read_json(ckpt / RESUME_FILE) if ckpt is not None else {}

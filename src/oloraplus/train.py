@@ -1,4 +1,4 @@
-"""One run, config to run folder: the Trainer glue, with callbacks for dynamics and divergence.
+"""One run, config to run folder: the Trainer glue (its callbacks for dynamics and divergence: callbacks.py).
 
 A run folder holds config.yaml (first), then history.json, dynamics.jsonl,
 predictions.jsonl, train_loss.png, adapter/, and metrics.json LAST: a folder with
@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import Trainer, TrainingArguments, set_seed
 
 from oloraplus import adapters, checkpoints, plots, tracking
 from oloraplus.budget import peak_rss_gb
+from oloraplus.callbacks import DivergenceCallback, DynamicsCallback
 from oloraplus.config import RunConfig
 from oloraplus.data import IGNORE_INDEX, PadCollator, tokenize_records
-from oloraplus.distributed import ALONE, Ranks, full_tensor
+from oloraplus.distributed import ALONE, Ranks
 from oloraplus.errors import OLoRAPlusError
 from oloraplus.evaluate import corpus_loss, evaluate_model, example_losses
 from oloraplus.fsutil import atomic_write_json, atomic_write_jsonl, atomic_write_text
@@ -107,66 +108,6 @@ class OLoRAPlusTrainer(Trainer):
         return token_loss.sum() / num_items_in_batch
 
 
-class DynamicsCallback(TrainerCallback):
-    """Every k steps: mean ‖A−A₀‖_F, mean ‖B−B₀‖_F, and how far B left span(B₀): ‖(I−P₀)B‖_F/‖B‖_F."""
-
-    def __init__(self, initial: dict[str, tuple[torch.Tensor, torch.Tensor]], every: int):
-        self.every = every
-        self.initial = initial
-        # an orthonormal basis of span(B₀); None where B₀ = 0 (gaussian LoRA: no initial span)
-        self.basis = {
-            name: (torch.linalg.qr(b0).Q if b0.abs().sum() > 0 else None) for name, (_, b0) in initial.items()
-        }
-        self.rows: list[dict[str, float | int | None]] = []
-
-    @torch.no_grad()
-    def record(self, model: torch.nn.Module, step: int) -> None:
-        d_a, d_b, drift = [], [], []
-        for name, layer in adapters.lora_layers(model):
-            # the snapshot stays on the CPU (taken before the Trainer moves the model to an accelerator)
-            # whole weights, also under FSDP2 (where every rank runs this callback and takes part in the gather)
-            a = full_tensor(layer.lora_A[adapters.ADAPTER].weight).float().cpu()
-            b = full_tensor(layer.lora_B[adapters.ADAPTER].weight).float().cpu()
-            a0, b0 = self.initial[name]
-            d_a.append(float(torch.linalg.norm(a - a0)))
-            d_b.append(float(torch.linalg.norm(b - b0)))
-            q = self.basis[name]
-            if q is not None:
-                residual = b - q @ (q.T @ b)
-                drift.append(float(torch.linalg.norm(residual) / torch.linalg.norm(b).clamp_min(1e-12)))
-        n = max(len(d_a), 1)
-        self.rows.append(
-            {
-                "step": step,
-                "dA": sum(d_a) / n,
-                "dB": sum(d_b) / n,
-                "drift": (sum(drift) / len(drift)) if drift else None,
-            }
-        )
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if not self.rows:  # a resumed run has its rows so far from the checkpoint
-            self.record(model, 0)
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step % self.every == 0:
-            self.record(model, state.global_step)
-
-
-class DivergenceCallback(TrainerCallback):
-    """Stop as soon as a logged training loss is NaN or infinite, and remember the step."""
-
-    def __init__(self) -> None:
-        self.diverged_step: int | None = None
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(loss) and self.diverged_step is None:
-            self.diverged_step = state.global_step
-            control.should_training_stop = True
-            control.should_save = False  # a run resumed from NaN weights would log its divergence at a later step
-
-
 def device_name() -> str:
     """What trained the run: the GPU's name, or 'cpu'."""
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
@@ -217,7 +158,7 @@ def run_training(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
     tracking.check_report_to(cfg.train.report_to, installed=True)
     start_run_folder(out, cfg, resume)
     if resume is not None:
-        print(f"resuming {out} from its checkpoint at step {resume.name.rsplit('-', 1)[-1]}", flush=True)
+        print(f"resuming {out} from its checkpoint at step {checkpoints.checkpoint_step(resume)}", flush=True)
     trained = train_adapter(prep, out, resume)
     trackers, metrics = trained.trackers, None
     ranks = Ranks.current()  # under torchrun: rank 0 records and saves, all ranks share the evaluation
@@ -244,6 +185,8 @@ def run_training(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
                 metrics.update(evaluated)
         if not ranks.is_main:
             return {"status": "worker", "train_tokens": tokens}
+        if resume is not None:  # provenance: the results equal an uninterrupted run's, the path to them did not
+            metrics["resumed_from_step"] = checkpoints.checkpoint_step(resume)
         metrics["peak_rss_gb"] = peak_rss_gb()
         atomic_write_json(out / METRICS_FILE, metrics)  # last: marks the run finished
         checkpoints.remove_checkpoints(out)  # nothing left to resume
