@@ -160,7 +160,10 @@ def test_split_evaluation_equals_one_process_on_the_same_adapter(runs, tmp_path)
 
 def test_each_file_is_written_once_by_rank_zero(runs):
     two, one, ranks = runs
-    assert ranks[1]["writes"] == []
+    # rank 1 writes only into checkpoints (Trainer keeps each process's RNG state there, for an exact resume)
+    assert all(
+        Path(path).name.startswith("checkpoint-") or "/checkpoint-" in path for _, path, *_ in ranks[1]["writes"]
+    )
     renamed = [Path(w[2]).name for w in ranks[0]["writes"] if w[0] == "os.rename"]
     assert sorted(renamed) == sorted(set(renamed)) and "metrics.json" in renamed  # once each, atomically
     assert _files(two) == _files(one)  # no rank-suffixed copy, no temp file left over
