@@ -64,6 +64,9 @@ def build_model(shape: str, folder: Path, layers: int | None = None) -> None:
     _, tok = load_base("smollm2-135m")
     torch.manual_seed(0)
     dims = {**SHAPES[shape], **({"num_hidden_layers": layers} if layers else {})}
+    # the data is tokenized with SmolLM2's tokenizer: every id it makes needs a row (TinyLlama's 32,000 would not
+    # hold its 49,152, so that shape grows by 17,152 rows: ~3% more parameters, a slightly harder memory goal)
+    dims["vocab_size"] = max(dims["vocab_size"], len(tok))
     config = LlamaConfig(
         **dims,
         max_position_embeddings=2048,
