@@ -12,6 +12,7 @@ import contextlib
 import gc
 import math
 import os
+import platform
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -109,8 +110,28 @@ class OLoRAPlusTrainer(Trainer):
 
 
 def device_name() -> str:
-    """What trained the run: the GPU's name, or 'cpu'."""
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    """What trained the run: the GPU's name, or the CPU's kind.
+
+    Both CPU kinds of this project call themselves "AMD EPYC"; their family/model and the
+    vector units torch dispatches to (AVX2 against AVX512, native bf16 or not) tell them apart,
+    and a report pairs runs only across the same kind.
+    """
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    info = _cpuinfo()
+    flags = set(info.get("flags", "").split())
+    units = torch.backends.cpu.get_cpu_capability() + (" + AVX512_BF16" if "avx512_bf16" in flags else "")
+    kind = f"family {info['cpu family']} model {info['model']}; " if "cpu family" in info and "model" in info else ""
+    return f"cpu: {info.get('model name', platform.processor() or '?')} ({kind}{units})"
+
+
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's /proc/cpuinfo fields ({} where there is none, as on macOS)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+    except OSError:
+        return {}
+    return {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in text.splitlines()) if _}
 
 
 @dataclass
