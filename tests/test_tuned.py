@@ -269,9 +269,11 @@ def test_preset_paper_cpu_tuned():
         [1e-4, 2e-4, 4e-4],
         0.25,
         "first",
-        [0, 1],
+        [0, 1, 2],
     )
     assert base.data.val_fraction == 0.1 and base.train.lr == 2e-4
+    # the study is run under the training defaults the lean-runs ablation chose, not a recipe of its own
+    assert base.adapter.dropout == 0 and not base.train.group_by_length and base.eval.eval_batch_size == 32
 
 
 BAD = [
