@@ -74,3 +74,17 @@ def test_every_embedded_alias_names_wheels_and_files():
     for alias, m in models.EMBEDDED.items():
         assert m.alias == alias and m.install and m.chunks
         assert (m.sha256_file is None) == (len(m.chunks) == 1) and (m.sha256_file is None or m.file_name)
+
+
+def test_the_dequantized_cache_follows_the_files_content_not_its_path_or_mtime(tmp_path):
+    import os
+
+    data = bytes(range(256)) * 20_000  # 5 MB: a first and a last MiB apart
+    a, b = tmp_path / "a" / "m.gguf", tmp_path / "b" / "m.gguf"
+    for p in (a, b):
+        p.parent.mkdir()
+        p.write_bytes(data)
+    os.utime(b, (1, 1))  # a reinstall elsewhere, at another time
+    assert models._gguf_cache_dir(a, str(tmp_path)) == models._gguf_cache_dir(b, str(tmp_path))
+    b.write_bytes(data[:-1] + b"x")  # other weights at the end
+    assert models._gguf_cache_dir(a, str(tmp_path)) != models._gguf_cache_dir(b, str(tmp_path))

@@ -126,9 +126,15 @@ def resolve_model_source(name: str, cache_dir: str | None = None) -> str:
 
 
 def _gguf_cache_dir(gguf: Path, cache_dir: str | None) -> Path:
-    st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:16]
-    return cache_root(cache_dir) / "gguf" / f"{gguf.stem}-{key}"
+    """Keyed by the file's content (its size, first and last MiB: header, metadata and the last tensors), not its
+    path or mtime: every fresh venv reinstalls the wheel, and each install would leave another 0.5-1 GB copy."""
+    size = gguf.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with gguf.open("rb") as f:
+        digest.update(f.read(1 << 20))
+        f.seek(max(0, size - (1 << 20)))
+        digest.update(f.read())
+    return cache_root(cache_dir) / "gguf" / f"{gguf.stem}-{digest.hexdigest()[:16]}"
 
 
 def _unquantized_copy(model: PreTrainedModel) -> PreTrainedModel:
