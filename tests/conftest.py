@@ -31,6 +31,18 @@ CHATML = (
 )
 
 
+def cli_args(command: str, *extra: str, **flags: object) -> list[str]:
+    """A CLI call written as keyword flags: cli_args("train", n_train=16) -> ["train", "--n_train", "16"].
+
+    A flag set to None is left out; `extra` (raw arguments) comes last, so it overrides a flag it repeats.
+    """
+    args = [command]
+    for name, value in flags.items():
+        if value is not None:
+            args += [f"--{name}", str(value)]
+    return args + list(extra)
+
+
 def _records() -> list[dict]:
     return json.loads(FIXTURE.read_text(encoding="utf-8"))
 
@@ -113,30 +125,19 @@ def tiny_run(tiny_model_dir, tmp_path_factory) -> Path:
     data = tmp_path_factory.mktemp("run-data") / "records.json"
     data.write_text(json.dumps(_records()[:60]), encoding="utf-8")
     out = tmp_path_factory.mktemp("tiny-run") / "run"
-    args = [
+    args = cli_args(
         "train",
-        "--model",
-        str(tiny_model_dir),
-        "--data",
-        str(data),
-        "--n_train",
-        "16",
-        "--n_test",
-        "4",
-        "--batch_size",
-        "4",
-        "--max_steps",
-        "3",
-        "--lr",
-        "1e-2",
-        "--dropout",
-        "0.05",  # pinned: the export tolerances were measured on this adapter, whatever the default becomes
-        "--precision",
-        "fp32",  # and the same adapter on a CPU where auto would pick bf16
-        "--generate",
-        "false",
-        "--output_dir",
-        str(out),
-    ]
+        model=tiny_model_dir,
+        data=data,
+        n_train=16,
+        n_test=4,
+        batch_size=4,
+        max_steps=3,
+        lr="1e-2",
+        dropout=0.05,  # pinned: the export tolerances were measured on this adapter, whatever the default becomes
+        precision="fp32",  # and the same adapter on a CPU where auto would pick bf16
+        generate="false",
+        output_dir=out,
+    )
     assert main(args) == 0
     return out

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import cli_args
 from safetensors.torch import load_file
 
 from oloraplus import train
@@ -41,42 +42,26 @@ RANK = 4
 
 
 def _train_args(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return [
+    return cli_args(
         "train",
-        "--model",
-        str(model_dir),
-        "--data",
-        str(data),
-        "--n_train",
-        "12",
-        "--n_test",
-        "4",
-        "--batch_size",
-        "4",
-        "--max_steps",
-        "5",  # 3 steps an epoch: resumed at step 2, a run skips 2 batches and crosses into the second epoch
-        "--rank",
-        str(RANK),
-        "--lr",
-        "1e-2",
-        "--dropout",
-        "0.05",  # the dropout masks after the resume come from the restored RNG state
-        "--micro_batch_tokens",
-        "96",  # packed batches of 4 split into 2 or more packs
-        "--logging_steps",
-        "2",
-        "--dynamics_every",
-        "1",
-        "--checkpoint_every",
-        "2",
-        "--max_new_tokens",
-        "4",
-        "--precision",
-        "fp32",
-        "--output_dir",
-        str(out),
         *extra,
-    ]
+        model=model_dir,
+        data=data,
+        n_train=12,
+        n_test=4,
+        batch_size=4,
+        max_steps=5,  # 3 steps an epoch: resumed at step 2, a run skips 2 batches and crosses into the second epoch
+        rank=RANK,
+        lr="1e-2",
+        dropout="0.05",  # the dropout masks after the resume come from the restored RNG state
+        micro_batch_tokens=96,  # packed batches of 4 split into 2 or more packs
+        logging_steps=2,
+        dynamics_every=1,
+        checkpoint_every=2,
+        max_new_tokens=4,
+        precision="fp32",
+        output_dir=out,
+    )
 
 
 def _results(run: Path) -> dict:

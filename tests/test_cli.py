@@ -7,33 +7,25 @@ import sys
 
 import pytest
 import torch
+from conftest import cli_args
 
 from oloraplus.cli import main
 
 
 def _train_args(model_dir, data, out, *extra):
-    return [
+    return cli_args(
         "train",
-        "--model",
-        str(model_dir),
-        "--data",
-        str(data),
-        "--n_train",
-        "24",
-        "--n_test",
-        "6",
-        "--batch_size",
-        "4",
-        "--max_new_tokens",
-        "8",
-        "--output_dir",
-        str(out),
-        "--logging_steps",
-        "1",
-        "--dynamics_every",
-        "2",
         *extra,
-    ]
+        model=model_dir,
+        data=data,
+        n_train=24,
+        n_test=6,
+        batch_size=4,
+        max_new_tokens=8,
+        output_dir=out,
+        logging_steps=1,
+        dynamics_every=2,
+    )
 
 
 @pytest.fixture(scope="module")

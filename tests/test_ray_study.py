@@ -23,6 +23,7 @@ from typing import ClassVar
 
 import pytest
 import torch
+from conftest import cli_args
 
 from oloraplus import ray_study
 from oloraplus.cli import main
@@ -58,32 +59,21 @@ def records(tmp_path_factory) -> Path:
 
 
 def _args(model_dir: Path, data: Path, study: Path, *extra: str) -> list[str]:
-    return [
+    return cli_args(
         "compare",
-        "--model",
-        str(model_dir),
-        "--data",
-        str(data),
-        "--n_train",
-        "16",
-        "--n_test",
-        "4",
-        "--batch_size",
-        "4",
-        "--max_new_tokens",
-        "4",
-        "--precision",
-        "fp32",  # two paths compared: no precision left to the CPU
-        "--study_dir",
-        str(study),
-        "--methods",
-        "olora,olora+",
-        "--lr_ratios",
-        "4",
-        "--seeds",
-        "0,1",
         *extra,
-    ]
+        model=model_dir,
+        data=data,
+        n_train=16,
+        n_test=4,
+        batch_size=4,
+        max_new_tokens=4,
+        precision="fp32",  # two paths compared: no precision left to the CPU
+        study_dir=study,
+        methods="olora,olora+",
+        lr_ratios=4,
+        seeds="0,1",
+    )
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import cli_args
 
 from oloraplus.callbacks import DivergenceCallback
 from oloraplus.cli import main
@@ -19,31 +20,21 @@ from oloraplus.grid import build_grid, expand_grid
 
 
 def _compare_args(model_dir, data, study, *extra):
-    return [
+    return cli_args(
         "compare",
-        "--model",
-        str(model_dir),
-        "--data",
-        str(data),
-        "--n_train",
-        "16",
-        "--n_test",
-        "4",
-        "--batch_size",
-        "4",
-        "--max_new_tokens",
-        "4",
-        "--study_dir",
-        str(study),
-        "--methods",
-        "olora,olora+",
-        "--lr_ratios",
-        "1/4,4",
-        "--seeds",
-        "0",
         "--no_report",
         *extra,
-    ]
+        model=model_dir,
+        data=data,
+        n_train=16,
+        n_test=4,
+        batch_size=4,
+        max_new_tokens=4,
+        study_dir=study,
+        methods="olora,olora+",
+        lr_ratios="1/4,4",
+        seeds=0,
+    )
 
 
 def test_grid_expansion_is_seed_major_and_drops_duplicate_parents():

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import cli_args
 from safetensors.torch import load_file
 
 from oloraplus.cli import main
@@ -32,37 +33,23 @@ LOSS_RTOL = 1e-5
 
 
 def _train_args(model_dir: Path, data: Path, out: Path, batch_size: int) -> list[str]:
-    return [
+    return cli_args(
         "train",
-        "--model",
-        str(model_dir),
-        "--data",
-        str(data),
-        "--n_train",
-        "16",
-        "--val_fraction",
-        "0.25",
-        "--n_test",
-        "6",
-        "--batch_size",
-        str(batch_size),
-        "--max_steps",
-        "4",
-        "--logging_steps",
-        "1",
-        "--lr",
-        "1e-3",  # small enough that the answers still differ from prompt to prompt
-        "--dropout",
-        "0",  # no per-rank random stream
-        "--precision",
-        "fp32",
-        "--max_new_tokens",
-        "8",
-        "--eval_batch_size",
-        "2",  # 2 val and 3 test batches: split 3 / 2 over the ranks
-        "--output_dir",
-        str(out),
-    ]
+        model=model_dir,
+        data=data,
+        n_train=16,
+        val_fraction="0.25",
+        n_test=6,
+        batch_size=batch_size,
+        max_steps=4,
+        logging_steps=1,
+        lr="1e-3",  # small enough that the answers still differ from prompt to prompt
+        dropout=0,  # no per-rank random stream
+        precision="fp32",
+        max_new_tokens=8,
+        eval_batch_size=2,  # 2 val and 3 test batches: split 3 / 2 over the ranks
+        output_dir=out,
+    )
 
 
 def _files(folder: Path) -> set[str]:

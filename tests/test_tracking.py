@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import FIXTURE
+from conftest import FIXTURE, cli_args
 
 from oloraplus.cli import main
 
@@ -25,33 +25,21 @@ def test_tensorboard_gets_training_loss_final_scores_method_and_lambda(tiny_mode
     from tensorboard.plugins.hparams import plugin_data_pb2
 
     out = tmp_path / "run"
-    args = [
+    args = cli_args(
         "train",
-        "--model",
-        str(tiny_model_dir),
-        "--data",
-        str(FIXTURE),
-        "--n_train",
-        "16",
-        "--n_test",
-        "4",
-        "--batch_size",
-        "4",
-        "--max_new_tokens",
-        "4",
-        "--logging_steps",
-        "1",
-        "--method",
-        "olora+",
-        "--lr_ratio",
-        "0.25",
-        "--lr",
-        "1e-3",
-        "--report_to",
-        "tensorboard",
-        "--output_dir",
-        str(out),
-    ]
+        model=tiny_model_dir,
+        data=FIXTURE,
+        n_train=16,
+        n_test=4,
+        batch_size=4,
+        max_new_tokens=4,
+        logging_steps=1,
+        method="olora+",
+        lr_ratio="0.25",
+        lr="1e-3",
+        report_to="tensorboard",
+        output_dir=out,
+    )
     assert main(args) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     events = _events(out)
@@ -85,17 +73,13 @@ def test_a_bad_tracker_name_is_one_line_exit_2(report_to, message, tiny_model_di
     out = tmp_path / "run"
     assert (
         main(
-            [
+            cli_args(
                 "train",
-                "--model",
-                str(tiny_model_dir),
-                "--data",
-                str(FIXTURE),
-                "--report_to",
-                report_to,
-                "--output_dir",
-                str(out),
-            ]
+                model=tiny_model_dir,
+                data=FIXTURE,
+                report_to=report_to,
+                output_dir=out,
+            )
         )
         == 2
     )
@@ -110,21 +94,15 @@ def test_a_tracker_that_is_not_installed_stops_before_any_file(tiny_model_dir, t
     out = tmp_path / "run"
     assert (
         main(
-            [
+            cli_args(
                 "train",
-                "--model",
-                str(tiny_model_dir),
-                "--data",
-                str(FIXTURE),
-                "--n_train",
-                "16",
-                "--n_test",
-                "4",
-                "--report_to",
-                "tensorboard,mlflow",
-                "--output_dir",
-                str(out),
-            ]
+                model=tiny_model_dir,
+                data=FIXTURE,
+                n_train=16,
+                n_test=4,
+                report_to="tensorboard,mlflow",
+                output_dir=out,
+            )
         )
         == 2
     )
