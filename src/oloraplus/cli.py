@@ -274,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("compare", help="a grid of methods x lambda x lr x seeds on one split; table and report")
-    p.add_argument("--preset", choices=PRESETS, help="quick | paper-cpu | paper-cpu-tuned | gemma3-cpu-tuned | paper (see the README)")
+    p.add_argument("--preset", choices=PRESETS, help=" | ".join(PRESETS) + " (see the README)")
     p.add_argument("--config", help=f"YAML config; a 'grid' section sets {', '.join(GRID_OPTIONS)}")
     p.add_argument("--study_dir", help="study folder (resumable) [default: studies/PRESET]")
     p.add_argument("--no_report", action="store_true", help="skip writing the report at the end")
