@@ -6,10 +6,13 @@ weights and must give the same summed loss). Layouts:
   padded  right-padded batch (to a multiple of 8), SDPA with a padding mask
   single  one example per forward (no padding, small matmuls)
   packed  the batch's examples end to end, causal attention inside each (oloraplus.packing)
+  shared  packed, the tokens all examples of the batch start with (the chat template's system
+          prompt) computed once and attended to by each example: the default
 Each layout runs in its own subprocess (peak RSS apart), one after the other.
 
     python benchmarks/bench_packing.py                      # 64 examples, batch 8, dropout 0
     python benchmarks/bench_packing.py --dropout 0.05       # what PEFT's dropout costs each layout
+    python benchmarks/bench_packing.py --layouts packed,shared   # what sharing the prompt prefix saves
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ sys.path.insert(0, str(REPO / "src"))
 DEFAULT_DATA = os.environ.get("OLORAPLUS_DATA") or str(
     REPO.parent / "shared" / "data" / "alpaca" / "alpaca_sample.json"
 )
-LAYOUTS = ("padded", "single", "packed")
+LAYOUTS = ("padded", "single", "packed", "shared")
 
 
 def worker(layout: str, args: argparse.Namespace) -> dict:
@@ -49,7 +52,7 @@ def worker(layout: str, args: argparse.Namespace) -> dict:
     examples, _ = tokenize_records(tok, [records[i] for i in split.train], 512)
     random.Random(args.seed).shuffle(examples)
     model = adapters.attach_adapter(model, "olora", 16, 16, args.dropout, None).train()
-    if layout == "packed":
+    if layout in ("packed", "shared"):
         use_packed_attention(model)
     collate = PadCollator(tok.pad_token_id)
     total, padded = 0.0, 0
@@ -62,7 +65,7 @@ def worker(layout: str, args: argparse.Namespace) -> dict:
         elif layout == "single":
             parts = [collate([e]) for e in batch]
         else:
-            parts = split_packed(pack(batch), args.pack_tokens)
+            parts = split_packed(pack(batch, share_prefix=layout == "shared"), args.pack_tokens)
         for part in parts:
             padded += part["input_ids"].numel()
             loss, _ = batch_token_losses(model, part)

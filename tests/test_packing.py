@@ -9,14 +9,16 @@ from conftest import build_tiny_llama
 from oloraplus.cli import main
 from oloraplus.data import IGNORE_INDEX, PadCollator
 from oloraplus.loss import batch_token_losses
-from oloraplus.packing import can_pack, pack, split_packed, use_packed_attention
+from oloraplus.packing import can_pack, pack, shared_prefix_length, split_packed, use_packed_attention
 
 
-def _features(lengths, prompt=3, seed=0):
+def _features(lengths, prompt=3, seed=0, shared=0):
+    """Random examples whose first `prompt` tokens are unlabelled and first `shared` tokens the same in all."""
     g = torch.Generator().manual_seed(seed)
+    common = torch.randint(3, 97, (shared,), generator=g).tolist()
     out = []
     for n in lengths:
-        ids = torch.randint(3, 97, (n,), generator=g).tolist()
+        ids = common[:n] + torch.randint(3, 97, (max(0, n - shared),), generator=g).tolist()
         p = min(prompt, n - 1)
         out.append({"input_ids": ids, "labels": [IGNORE_INDEX] * p + ids[p:]})
     return out
@@ -29,6 +31,60 @@ def test_pack_restarts_positions_and_masks_the_first_label_of_each_example():
     assert b["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3]
     assert b["cu_seq_lens_q"].tolist() == [0, 5, 8, 12] and b["max_length_q"] == 5
     assert [i for i, t in enumerate(b["labels"][0].tolist()) if t == IGNORE_INDEX] == [0, 5, 8]
+
+
+def test_shared_prefix_stops_before_the_first_target_and_leaves_each_example_a_token():
+    assert shared_prefix_length(_features([9, 8, 10], prompt=6, shared=4)) == 4
+    # a target at index 3: the token before it (index 2) must stay in each example, so 2 are shared
+    assert shared_prefix_length(_features([9, 8, 10], prompt=3, shared=6)) == 2
+    short = [
+        {"input_ids": [5, 6, 7], "labels": [IGNORE_INDEX] * 3},
+        {"input_ids": [5, 6, 7, 8], "labels": [IGNORE_INDEX] * 4},
+    ]
+    assert shared_prefix_length(short) == 2  # the 3-token example keeps one token of its own
+    assert shared_prefix_length(_features([9], prompt=6, shared=4)) == 0  # one example: nothing to share
+    differ = [
+        {"input_ids": [5, 6, 7], "labels": [IGNORE_INDEX] * 3},
+        {"input_ids": [4, 6, 7], "labels": [IGNORE_INDEX] * 3},
+    ]
+    assert shared_prefix_length(differ) == 0  # the first tokens differ
+
+
+def test_pack_holds_a_shared_prefix_once_and_counts_it_for_every_example():
+    feats = _features([9, 7, 8], prompt=6, shared=4)
+    b = pack(feats)
+    prefix = feats[0]["input_ids"][:4]
+    assert b["shared_prefix_length"] == 4
+    assert b["input_ids"][0].tolist() == prefix + [t for f in feats for t in f["input_ids"][4:]]
+    assert b["position_ids"][0].tolist() == [0, 1, 2, 3] + [4, 5, 6, 7, 8] + [4, 5, 6] + [4, 5, 6, 7]
+    assert b["cu_seq_lens_q"].tolist() == [0, 4, 9, 12, 16] and b["max_length_q"] == 9
+    kept = [t for t in b["labels"][0].tolist() if t != IGNORE_INDEX]
+    assert kept == [t for f in feats for t in f["labels"] if t != IGNORE_INDEX]  # every target, none added
+    assert int(b["attention_mask"].sum()) == sum(len(f["input_ids"]) for f in feats)  # Trainer's real tokens
+    assert pack(feats, share_prefix=False)["input_ids"].shape[1] == 24
+
+
+@pytest.mark.parametrize("shared", [0, 5])
+@pytest.mark.parametrize("max_tokens", [0, 1, 7, 9, 12, 100])
+def test_split_packs_repeat_the_shared_prefix_and_keep_every_example(max_tokens, shared):
+    feats = _features([5, 3, 4, 6, 2] if not shared else [9, 7, 8, 10, 7], prompt=6, shared=shared)
+    batch = pack(feats)
+    n = batch["shared_prefix_length"]
+    assert n == min(shared, 5)
+    packs = split_packed(batch, max_tokens)
+    for key in ("input_ids", "labels", "position_ids"):
+        own = torch.cat([p[key][:, n:] for p in packs], dim=1)
+        assert torch.equal(own, batch[key][:, n:])  # each example once, in order
+        assert all(torch.equal(p[key][:, :n], batch[key][:, :n]) for p in packs)  # the prefix in every pack
+    assert sum(int(p["attention_mask"].sum()) for p in packs) == int(batch["attention_mask"].sum())
+    for p in packs:
+        lengths = (p["cu_seq_lens_q"][1:] - p["cu_seq_lens_q"][:-1]).tolist()
+        assert p["cu_seq_lens_q"][0] == 0 and sum(lengths) == p["input_ids"].shape[1]
+        examples = len(lengths) - (1 if n else 0)
+        assert p["input_ids"].shape[1] <= max_tokens or examples == 1 or max_tokens <= 0
+        assert p["max_length_q"] == n + max(lengths[1 if n else 0 :])
+    if max_tokens <= 0 or max_tokens >= 40:
+        assert len(packs) == 1
 
 
 @pytest.mark.parametrize("max_tokens", [0, 1, 7, 9, 12, 100])
@@ -78,11 +134,13 @@ def _tiny_lora(build=build_tiny_llama):
     return model
 
 
+@pytest.mark.parametrize("shared", [0, 5], ids=["no-prefix", "shared-prefix"])
 @pytest.mark.parametrize("build", [build_tiny_llama, _tiny_gemma3], ids=["llama", "gemma3"])
-def test_packed_loss_and_gradients_equal_the_padded_batch(build):
+def test_packed_loss_and_gradients_equal_the_padded_batch(build, shared):
     model = _tiny_lora(build)
     assert can_pack(model, 64)
-    feats = _features([13, 9, 6, 11])
+    feats = _features([13, 9, 8, 11], prompt=7 if shared else 3, shared=shared)
+    assert pack(feats)["shared_prefix_length"] == shared
     padded = PadCollator(pad_token_id=2)(feats)
     loss, _ = batch_token_losses(model, padded)
     loss.sum().backward()

@@ -76,9 +76,10 @@ def _batch_losses(
     batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in collate(examples).items()}
     with autocast_context(model, bf16):
         token_loss, mask = batch_token_losses(model, batch)
-    if packed:  # which example each labelled target belongs to
-        lengths = torch.tensor([ex["length"] for ex in examples], device=device)
-        owner = torch.repeat_interleave(torch.arange(len(examples), device=device), lengths)
+    if packed:  # which example each labelled target belongs to (a shared prefix, segment 0, holds none)
+        cu = batch["cu_seq_lens_q"].long()
+        first = 1 if batch["shared_prefix_length"] else 0
+        owner = torch.repeat_interleave(torch.arange(len(cu) - 1, device=device) - first, cu[1:] - cu[:-1])
         row = owner[1:][mask[0]]
         counts = torch.zeros(len(examples), dtype=torch.long, device=device).index_add_(0, row, torch.ones_like(row))
     else:

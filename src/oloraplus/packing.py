@@ -11,9 +11,18 @@ label of each example is masked (no target crosses a boundary), and `cu_seq_lens
 says where the examples start. The attention function registered here runs a causal
 SDPA per example; without `cu_seq_lens_q` (padded batches, generation with a KV cache)
 it is transformers' own SDPA, so a model switched to it works everywhere.
+
+Tokens that every example of a batch starts with (a chat template's system prompt: 24
+of SmolLM2's ~100 tokens per Alpaca example) are computed once: the row starts with
+that shared prefix, each example's own tokens follow with positions continuing from it,
+and each example attends to the prefix and to itself. The prefix holds no target, so
+the loss and the gradients are those of the unshared batch (the prefix's gradient is
+the sum of what each example sends it), with a quarter fewer tokens to compute.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -25,35 +34,38 @@ from oloraplus.data import IGNORE_INDEX
 from oloraplus.models import decoder_and_head
 
 PACKED_ATTENTION = "oloraplus_packed_sdpa"
-PACKED_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+PACKED_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "shared_prefix_length")
 
 
 def packed_sdpa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Causal SDPA within each packed example; transformers' SDPA when the batch is not packed."""
+    """Causal SDPA within each packed example (and its shared prefix); transformers' SDPA when not packed."""
     cu = kwargs.get("cu_seq_lens_q")
     if cu is None or query.shape[0] != 1:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
+    prefix = kwargs.get("shared_prefix_length") or 0
     window = kwargs.get("sliding_window")
-    bounds = cu.tolist()
-    if window is not None and max(e - s for s, e in zip(bounds[:-1], bounds[1:])) > window:
+    segments = list(zip(cu[:-1].tolist(), cu[1:].tolist()))
+    if window is not None and max(prefix + e - s for s, e in segments) > window:
         raise NotImplementedError(
             "packed attention does not apply sliding windows; lower max_length or turn packing off"
         )
-    gqa = query.shape[1] != key.shape[1]
-    parts = [
-        F.scaled_dot_product_attention(
-            query[:, :, s:e],
-            key[:, :, s:e],
-            value[:, :, s:e],
-            dropout_p=dropout if module.training else 0.0,
-            is_causal=True,
-            scale=scaling,
-            enable_gqa=gqa,
-        )
-        for s, e in zip(bounds[:-1], bounds[1:])
-    ]
+    sdpa = partial(
+        F.scaled_dot_product_attention,
+        dropout_p=dropout if module.training else 0.0,
+        scale=scaling,
+        enable_gqa=query.shape[1] != key.shape[1],
+    )
+    parts = []
+    for i, (s, e) in enumerate(segments):
+        q, k, v = query[:, :, s:e], key[:, :, s:e], value[:, :, s:e]
+        if prefix and i > 0:  # an example after the shared prefix (segment 0) sees all of it, then itself causally
+            k, v = torch.cat([key[:, :, :prefix], k], dim=2), torch.cat([value[:, :, :prefix], v], dim=2)
+            seen = torch.ones(e - s, prefix + e - s, dtype=torch.bool, device=query.device).tril(diagonal=prefix)
+            parts.append(sdpa(q, k, v, attn_mask=seen))
+        else:
+            parts.append(sdpa(q, k, v, is_causal=True))
     return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
 
 
@@ -80,59 +92,76 @@ def use_packed_attention(model: torch.nn.Module) -> None:
     base.set_attn_implementation(PACKED_ATTENTION)
 
 
-def pack(features: list[dict]) -> dict[str, torch.Tensor | int]:
-    """One row holding every example of `features` (input_ids, labels) back to back."""
-    lengths = [len(f["input_ids"]) for f in features]
-    ids = torch.tensor([t for f in features for t in f["input_ids"]], dtype=torch.long)[None]
-    labels = torch.tensor([t for f in features for t in f["labels"]], dtype=torch.long)[None]
+def shared_prefix_length(features: list[dict]) -> int:
+    """How many leading tokens all examples of a batch share before any target (0: nothing to share).
+
+    The prefix stops before each example's first labelled token and its predecessor, so no
+    target moves, and leaves every example at least one token of its own.
+    """
+    if len(features) < 2:
+        return 0
+    first = features[0]["input_ids"]
+    n = len(first)
+    for f in features:
+        ids, labels = f["input_ids"], f["labels"]
+        labelled = next((j for j, t in enumerate(labels) if t != IGNORE_INDEX), len(labels))
+        n = min(n, len(ids) - 1, labelled - 1)
+        n = next((j for j in range(max(n, 0)) if ids[j] != first[j]), max(n, 0))
+    return n
+
+
+def _row(prefix: list[int], examples: list[tuple[list[int], list[int]]], longest: int) -> dict:
+    """One packed row: `prefix` (may be empty), then each (input_ids, labels) example after it."""
+    n = len(prefix)
+    lengths = ([n] if n else []) + [len(ids) for ids, _ in examples]
+    ids = torch.tensor(prefix + [t for e, _ in examples for t in e], dtype=torch.long)[None]
+    labels = torch.tensor([IGNORE_INDEX] * n + [t for _, lab in examples for t in lab], dtype=torch.long)[None]
     cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(lengths).cumsum(0)
     labels[0, cu[:-1].long()] = IGNORE_INDEX  # the token before an example's start is the previous example's last
-    positions = torch.cat([torch.arange(n) for n in lengths])[None]
-    longest = max(lengths)
+    positions = torch.cat([torch.arange(n)] + [torch.arange(n, n + len(e)) for e, _ in examples])[None]
+    # Trainer counts real input tokens as the mask's sum: a shared prefix token stands for one per example
+    counted = torch.ones_like(ids)
+    counted[0, :n] = len(examples)
     return {
         "input_ids": ids,
         "labels": labels,
         "position_ids": positions,
-        # ones, for Trainer's count of real input tokens; the packed forward does not use it
-        "attention_mask": torch.ones_like(ids),
+        "attention_mask": counted,  # the packed forward does not use it
         "cu_seq_lens_q": cu,
         "cu_seq_lens_k": cu,
         "max_length_q": longest,
         "max_length_k": longest,
+        "shared_prefix_length": n,
     }
+
+
+def pack(features: list[dict], share_prefix: bool = True) -> dict[str, torch.Tensor | int]:
+    """One row holding every example of `features` (input_ids, labels) back to back, their common prefix once."""
+    n = shared_prefix_length(features) if share_prefix else 0
+    examples = [(f["input_ids"][n:], f["labels"][n:]) for f in features]
+    return _row(features[0]["input_ids"][:n], examples, max(len(f["input_ids"]) for f in features))
 
 
 def split_packed(batch: dict, max_tokens: int) -> list[dict]:
     """A packed batch cut at example boundaries into packs of at most `max_tokens` (an example longer stays whole).
 
-    The packs together hold exactly the batch's tokens and labels, so summing their
-    losses and gradients gives the batch's: memory is bounded by the pack, not the batch.
+    Each pack repeats the shared prefix and holds whole examples; together they hold exactly
+    the batch's examples and targets, so summing their losses and gradients gives the
+    batch's: memory is bounded by the pack, not the batch.
     """
-    bounds = batch["cu_seq_lens_q"].tolist()
-    if max_tokens <= 0 or bounds[-1] <= max_tokens:
+    if max_tokens <= 0 or batch["input_ids"].shape[1] <= max_tokens:
         return [batch]
-    cuts, start = [0], 0
-    for i in range(1, len(bounds)):
-        if bounds[i] - start > max_tokens and bounds[i - 1] > start:
-            cuts.append(i - 1)
-            start = bounds[i - 1]
-    cuts.append(len(bounds) - 1)
-    packs = []
-    for a, b in zip(cuts[:-1], cuts[1:]):
-        s, e = bounds[a], bounds[b]
-        cu = batch["cu_seq_lens_q"][a : b + 1] - s
-        longest = int((cu[1:] - cu[:-1]).max())
-        packs.append(
-            {
-                **{k: batch[k][:, s:e] for k in ("input_ids", "labels", "position_ids", "attention_mask")},
-                "cu_seq_lens_q": cu,
-                "cu_seq_lens_k": cu,
-                "max_length_q": longest,
-                "max_length_k": longest,
-            }
-        )
-    return packs
+    n = int(batch.get("shared_prefix_length", 0))
+    bounds = batch["cu_seq_lens_q"].tolist()[1 if n else 0 :]
+    ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+    groups, start = [[]], bounds[0]
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        if n + e - start > max_tokens and groups[-1]:
+            groups.append([])
+            start = s
+        groups[-1].append((ids[s:e], labels[s:e]))
+    return [_row(ids[:n], group, max(n + len(e) for e, _ in group)) for group in groups]
 
 
 def is_packed(batch: dict) -> bool:
