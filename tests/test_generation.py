@@ -1,11 +1,13 @@
 """Greedy generation: the same tokens as transformers' generate, with finished rows dropped and a reserved cache."""
 
+import pytest
 import torch
 from conftest import build_tiny_llama
 from test_packing import _features
 from transformers import GenerationConfig
 
-from oloraplus.generation import ReservedLayer, greedy_decode
+from oloraplus.generation import ReservedLayer, _prefill_packed, _prefill_padded, greedy_decode
+from oloraplus.packing import use_packed_attention
 
 
 def test_greedy_decode_equals_generate_also_when_rows_finish_early():
@@ -31,9 +33,12 @@ def _generate_one(model, prompt, max_new_tokens, eos):
     return out[: out.index(eos) + 1] if eos in out else out
 
 
-def test_refilled_batch_gives_each_prompt_what_generate_gives_it_alone():
+@pytest.mark.parametrize("shared", [0, 3], ids=["distinct", "shared-prefix"])
+def test_refilled_batch_gives_each_prompt_what_generate_gives_it_alone(shared):
+    """Prompts prefilled packed (their shared prefix once) then decoded in a refilled batch: generate's tokens."""
     model = build_tiny_llama(97, seed=3).eval()
-    prompts = [t["input_ids"] for t in _features([9, 3, 12, 5, 7, 4, 10], seed=2)]
+    prompts = [t["input_ids"] for t in _features([9, 4, 12, 5, 7, 4, 10], seed=2, shared=shared)]
+    assert len({tuple(p[:shared]) for p in prompts}) == 1
     free = greedy_decode(model, prompts, 12, eos_token_id=-1, pad_token_id=2)
     eos = free[1][1]  # rows end at different steps, so prompts join a batch that is part-way through
     finished = []
@@ -43,6 +48,21 @@ def test_refilled_batch_gives_each_prompt_what_generate_gives_it_alone():
     assert sorted(finished) == list(range(len(prompts))) and finished != sorted(finished)
     assert len({len(row) for row in ours}) > 1
     assert ours == [_generate_one(model, p, 12, eos) for p in prompts]
+
+
+def test_packed_prefill_lays_out_the_cache_a_padded_prefill_does():
+    model = build_tiny_llama(97, seed=3).eval()
+    prompts = [t["input_ids"] for t in _features([9, 5, 7], seed=4, shared=3)]
+    with torch.no_grad():
+        padded = _prefill_padded(model, prompts, 4, pad_token_id=2)
+        use_packed_attention(model)
+        packed = _prefill_packed(model, prompts, 4)
+    for a, b in zip(padded[0].layers, packed[0].layers):
+        live = padded[1].bool()[:, None, :, None]  # padding slots hold nothing anyone attends to
+        torch.testing.assert_close(b.keys * live, a.keys * live, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b.values * live, a.values * live, rtol=1e-5, atol=1e-6)
+    assert torch.equal(padded[1], packed[1]) and torch.equal(padded[2], packed[2])
+    torch.testing.assert_close(packed[3], padded[3], rtol=1e-5, atol=1e-5)
 
 
 def test_appended_rows_are_right_aligned_and_trimmed_padding_goes():
