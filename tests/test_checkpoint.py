@@ -119,6 +119,11 @@ def test_only_a_complete_checkpoint_of_the_same_config_is_resumed(tmp_path):
     other = build_config({}, {"data": "x.json", "lr": 1e-3, "rank": 8})
     with pytest.raises(OLoRAPlusError, match=r"another configuration \(adapter.rank 16 there, 8 here; train.lr 0.0002"):
         resumable_checkpoint(run.path, other)
+    # speed and memory settings do not make it another run (SCHEDULE_ONLY); the seed does
+    faster = {"data": "x.json", "eval_batch_size": 7, "micro_batch_tokens": 128, "max_memory_gb": 3.0}
+    assert resumable_checkpoint(run.path, build_config({}, {**faster, "output_dir": "x"})) == run.checkpoint(6)
+    with pytest.raises(OLoRAPlusError, match=r"train.seed 0 there, 1 here"):
+        resumable_checkpoint(run.path, build_config({}, {**faster, "seed": 1}))
 
 
 def test_a_run_killed_mid_run_resumes_and_ends_as_the_uninterrupted_run(

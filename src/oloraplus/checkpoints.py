@@ -28,7 +28,7 @@ from transformers import Trainer, TrainerCallback, TrainerState
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from oloraplus.config import RunConfig
+from oloraplus.config import RunConfig, results_config
 from oloraplus.errors import OLoRAPlusError
 from oloraplus.fsutil import atomic_write_json, fsync_tree
 from oloraplus.runs import CHECKPOINT_PREFIX, CONFIG_FILE, RESUME_FILE, TENSORBOARD_DIR, RunFolder, read_json
@@ -71,7 +71,7 @@ def resumable_checkpoint(run_dir: Path, cfg: RunConfig) -> Path | None:
     if ckpt is None:
         return None
     saved = read_json(ckpt / RESUME_FILE).get("config", {})
-    diff = _differences(saved, _resume_config(cfg))
+    diff = _differences(results_config(saved), results_config(_resume_config(cfg)))
     if diff:
         shown = "; ".join(diff[:3]) + (f"; and {len(diff) - 3} more" if len(diff) > 3 else "")
         raise OLoRAPlusError(

@@ -157,7 +157,11 @@ class TrainConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     max_new_tokens: int = _help("longest generated answer, in tokens", default=128)
-    eval_batch_size: int = _help("generation / eval-loss batch size", default=32)
+    eval_batch_size: int = _help(
+        "generation / eval-loss batch size (64 decodes faster on a CPU but needs more memory for its KV cache: "
+        "docs/benchmarks.md)",
+        default=32,
+    )
     generate: bool = _help("generate answers and score BLEU/ROUGE (off: eval loss only)", default=True)
     test: bool = _help(
         "evaluate on the test split (off for learning-rate selection runs, which must never read test data)",
@@ -180,6 +184,28 @@ class RunConfig:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# Settings that decide only how fast, in how much memory and with which trackers the same computation runs
+# (float rounding aside): a study or an unfinished run resumed with other values goes on; each run's
+# config.yaml records what it used.
+SCHEDULE_ONLY = (
+    ("eval", "eval_batch_size"),
+    ("train", "micro_batch_tokens"),
+    ("train", "max_memory_gb"),
+    ("train", "checkpoint_every"),
+    ("train", "report_to"),
+)
+
+
+def results_config(data: dict[str, Any]) -> dict[str, Any]:
+    """A config dict without its SCHEDULE_ONLY settings: what two runs must share to be the same run."""
+    return {
+        section: {k: v for k, v in values.items() if (section, k) not in SCHEDULE_ONLY}
+        if isinstance(values, dict)
+        else values
+        for section, values in data.items()
+    }
 
 
 SECTIONS: dict[str, type] = {

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import yaml
 
-from oloraplus.config import RunConfig
+from oloraplus.config import RunConfig, results_config
 from oloraplus.errors import OLoRAPlusError
 from oloraplus.fsutil import atomic_write_json, atomic_write_text
 from oloraplus.grid import (
@@ -38,7 +38,7 @@ from oloraplus.runs import STUDY_FILE, RunFolder, is_finished
 
 def _check_same_config(run_dir: Path, cfg: RunConfig) -> None:
     saved = yaml.safe_load(RunFolder(run_dir).config.read_text())
-    if saved != yaml.safe_load(cfg.to_yaml()):
+    if results_config(saved) != results_config(yaml.safe_load(cfg.to_yaml())):
         raise OLoRAPlusError(
             f"{run_dir} was made with a different configuration; use a new study folder or remove that run"
         )
