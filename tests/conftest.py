@@ -31,6 +31,11 @@ CHATML = (
 )
 
 
+# The smallest run that still trains several steps (16 examples, batch 4) and scores generated answers (4 test
+# records, 4 new tokens): what tests of the study, Ray and tracking plumbing train, as cli_args(..., **TINY).
+TINY = {"n_train": 16, "n_test": 4, "batch_size": 4, "max_new_tokens": 4}
+
+
 def cli_args(command: str, *extra: str, **flags: object) -> list[str]:
     """A CLI call written as keyword flags: cli_args("train", n_train=16) -> ["train", "--n_train", "16"].
 

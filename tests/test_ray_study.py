@@ -23,7 +23,7 @@ from typing import ClassVar
 
 import pytest
 import torch
-from conftest import cli_args
+from conftest import TINY, cli_args
 
 from oloraplus import ray_study
 from oloraplus.cli import main
@@ -64,10 +64,7 @@ def _args(model_dir: Path, data: Path, study: Path, *extra: str) -> list[str]:
         *extra,
         model=model_dir,
         data=data,
-        n_train=16,
-        n_test=4,
-        batch_size=4,
-        max_new_tokens=4,
+        **TINY,
         precision="fp32",  # two paths compared: no precision left to the CPU
         study_dir=study,
         methods="olora,olora+",

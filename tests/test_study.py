@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli_args
+from conftest import TINY, cli_args
 
 from oloraplus.callbacks import DivergenceCallback
 from oloraplus.cli import main
@@ -26,10 +26,7 @@ def _compare_args(model_dir, data, study, *extra):
         *extra,
         model=model_dir,
         data=data,
-        n_train=16,
-        n_test=4,
-        batch_size=4,
-        max_new_tokens=4,
+        **TINY,
         study_dir=study,
         methods="olora,olora+",
         lr_ratios="1/4,4",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import FIXTURE, cli_args
+from conftest import FIXTURE, TINY, cli_args
 
 from oloraplus.cli import main
 
@@ -29,10 +29,7 @@ def test_tensorboard_gets_training_loss_final_scores_method_and_lambda(tiny_mode
         "train",
         model=tiny_model_dir,
         data=FIXTURE,
-        n_train=16,
-        n_test=4,
-        batch_size=4,
-        max_new_tokens=4,
+        **TINY,
         logging_steps=1,
         method="olora+",
         lr_ratio="0.25",
