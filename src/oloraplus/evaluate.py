@@ -24,7 +24,7 @@ from oloraplus.fsutil import atomic_write_json, atomic_write_jsonl
 from oloraplus.generation import generate_answers
 from oloraplus.loss import batch_token_losses
 from oloraplus.models import compute_device
-from oloraplus.packing import PackCollator, can_pack, use_packed_attention
+from oloraplus.packing import PackCollator, can_pack, example_bounds, use_packed_attention
 from oloraplus.precision import autocast_context, keep_freed_memory_mapped
 from oloraplus.prepare import PreparedRun
 
@@ -76,10 +76,10 @@ def _batch_losses(
     batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in collate(examples).items()}
     with autocast_context(model, bf16):
         token_loss, mask = batch_token_losses(model, batch)
-    if packed:  # which example each labelled target belongs to (a shared prefix, segment 0, holds none)
-        cu = batch["cu_seq_lens_q"].long()
-        first = 1 if batch["shared_prefix_length"] else 0
-        owner = torch.repeat_interleave(torch.arange(len(cu) - 1, device=device) - first, cu[1:] - cu[:-1])
+    if packed:  # which example each labelled target belongs to (the shared prefix, -1 here, holds none)
+        bounds = torch.tensor(example_bounds(batch), device=device)
+        owner = torch.full((batch["input_ids"].shape[1],), -1, device=device)
+        owner[bounds[0] :] = torch.repeat_interleave(torch.arange(len(examples), device=device), bounds.diff())
         row = owner[1:][mask[0]]
         counts = torch.zeros(len(examples), dtype=torch.long, device=device).index_add_(0, row, torch.ones_like(row))
     else:

@@ -12,7 +12,7 @@ from transformers.cache_utils import DynamicLayer
 from oloraplus.data import IGNORE_INDEX, prompt_ids
 from oloraplus.distributed import ALONE, Ranks
 from oloraplus.models import decoder_and_head
-from oloraplus.packing import PACKED_KEYS, can_pack, pack, use_packed_attention
+from oloraplus.packing import PACKED_KEYS, can_pack, example_bounds, pack, use_packed_attention
 from oloraplus.precision import autocast_context
 
 
@@ -104,8 +104,7 @@ def _prefill_packed(model: PreTrainedModel, prompts: list[list[int]], room: int)
     """
     device = next(model.parameters()).device
     batch = pack([{"input_ids": p, "labels": [IGNORE_INDEX] * len(p)} for p in prompts])
-    shared = int(batch["shared_prefix_length"])
-    bounds = batch["cu_seq_lens_q"].tolist()[1 if shared else 0 :]
+    shared, bounds = int(batch["shared_prefix_length"]), example_bounds(batch)
     decoder, head = decoder_and_head(model)
     packed_cache = DynamicCache(config=model.config)
     hidden = decoder(

@@ -136,6 +136,11 @@ def _row(prefix: list[int], examples: list[tuple[list[int], list[int]]], longest
     }
 
 
+def example_bounds(batch: dict) -> list[int]:
+    """Where a packed batch's examples start and end in its row (its shared prefix, segment 0, left out)."""
+    return batch["cu_seq_lens_q"].tolist()[1 if batch.get("shared_prefix_length") else 0 :]
+
+
 def pack(features: list[dict], share_prefix: bool = True) -> dict[str, torch.Tensor | int]:
     """One row holding every example of `features` (input_ids, labels) back to back, their common prefix once."""
     n = shared_prefix_length(features) if share_prefix else 0
@@ -153,7 +158,7 @@ def split_packed(batch: dict, max_tokens: int) -> list[dict]:
     if max_tokens <= 0 or batch["input_ids"].shape[1] <= max_tokens:
         return [batch]
     n = int(batch.get("shared_prefix_length", 0))
-    bounds = batch["cu_seq_lens_q"].tolist()[1 if n else 0 :]
+    bounds = example_bounds(batch)
     ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
     groups, start = [[]], bounds[0]
     for s, e in zip(bounds[:-1], bounds[1:]):
