@@ -105,3 +105,15 @@ def test_a_trained_head_gets_its_gradient_through_the_plain_path():
     hidden = torch.randn(5, 16)
     head_token_losses(head, hidden, torch.randint(0, 97, (5,))).sum().backward()
     assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
+
+
+def test_test_loss_under_no_grad_stays_chunked_even_where_the_head_says_requires_grad(monkeypatch):
+    # a loaded model's parameters all say requires_grad; the plain path would hold every token's logits at once
+    monkeypatch.setattr(loss_module, "LOGITS_CHUNK_BYTES", 4 * 97 * 3)
+    head = torch.nn.Linear(16, 97, bias=False)
+    hidden, targets = torch.randn(11, 16), torch.randint(0, 97, (11,))
+    expected = torch.nn.functional.cross_entropy(head(hidden), targets, reduction="none").detach()
+    monkeypatch.setattr(head, "forward", lambda *_: pytest.fail("the head's full forward ran"))
+    with torch.no_grad():
+        got = head_token_losses(head, hidden, targets)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)

@@ -12,7 +12,7 @@ from transformers.cache_utils import DynamicLayer
 from oloraplus.data import IGNORE_INDEX, prompt_ids
 from oloraplus.distributed import ALONE, Ranks
 from oloraplus.models import decoder_and_head
-from oloraplus.packing import PACKED_KEYS, can_pack, example_bounds, pack, use_packed_attention
+from oloraplus.packing import can_pack, example_bounds, pack, packed_model_inputs, use_packed_attention
 from oloraplus.precision import autocast_context
 
 
@@ -107,15 +107,9 @@ def _prefill_packed(model: PreTrainedModel, prompts: list[list[int]], room: int)
     shared, bounds = int(batch["shared_prefix_length"]), example_bounds(batch)
     decoder, head = decoder_and_head(model)
     packed_cache = DynamicCache(config=model.config)
+    batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
     hidden = decoder(
-        input_ids=batch["input_ids"].to(device),
-        cache=packed_cache,
-        use_cache=True,
-        **{
-            k: (v.to(device) if torch.is_tensor(v) else v)
-            for k, v in batch.items()
-            if k in ("position_ids", *PACKED_KEYS)
-        },
+        input_ids=batch["input_ids"], cache=packed_cache, use_cache=True, **packed_model_inputs(batch)
     ).last_hidden_state[0]
     width = max(len(p) for p in prompts)
     where = torch.zeros(len(prompts), width, dtype=torch.long)  # packed index of each cache slot (0 in padding)

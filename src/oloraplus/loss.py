@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from oloraplus.data import IGNORE_INDEX
 from oloraplus.models import decoder_and_head
-from oloraplus.packing import PACKED_KEYS, is_packed
+from oloraplus.packing import is_packed, packed_model_inputs
 
 LOGITS_CHUNK_BYTES = 64 << 20
 
@@ -56,7 +56,9 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
 def head_token_losses(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Float32 cross-entropy of `head(hidden)` against `targets`, one value per row of `hidden`."""
     weight = head.weight
-    if weight.requires_grad or getattr(head, "bias", None) is not None:  # a trained or biased head: the plain path
+    # a head being trained, or a biased one: the plain path. Under no_grad (test loss) a head's weight
+    # still says requires_grad, yet no gradient flows: chunked, or the logits of every token live at once
+    if (weight.requires_grad and torch.is_grad_enabled()) or getattr(head, "bias", None) is not None:
         return F.cross_entropy(head(hidden).float(), targets, reduction="none")
     rows = max(1, LOGITS_CHUNK_BYTES // (4 * weight.shape[0]))
     return _FrozenHeadCrossEntropy.apply(hidden, weight, targets, rows)
@@ -71,14 +73,12 @@ def response_token_losses(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Float32 cross-entropy of each labelled next token, and the (batch, seq-1) mask saying where they are.
 
-    `packed` holds position_ids and cu_seq_lens_* of a packed batch (see packing.py);
-    the attention mask is then ignored.
+    `packed` holds the position_ids and cu_seq_lens_* of a packed batch, and `attention_mask`
+    is then the empty one of packing.packed_model_inputs.
     """
     targets = labels[:, 1:]
     mask = targets != IGNORE_INDEX
-    inputs = (
-        {"input_ids": input_ids, **packed} if packed else {"input_ids": input_ids, "attention_mask": attention_mask}
-    )
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, **packed}
     parts = decoder_and_head(model)
     if parts is None:
         logits = model(**inputs).logits[:, :-1][mask]
@@ -92,6 +92,6 @@ def response_token_losses(
 def batch_token_losses(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """`response_token_losses` of a collated batch, padded or packed."""
     if is_packed(batch):
-        extra = {k: batch[k] for k in ("position_ids", *PACKED_KEYS)}
-        return response_token_losses(model, batch["input_ids"], None, batch["labels"], **extra)
+        extra = packed_model_inputs(batch)
+        return response_token_losses(model, batch["input_ids"], extra.pop("attention_mask"), batch["labels"], **extra)
     return response_token_losses(model, batch["input_ids"], batch["attention_mask"], batch["labels"])

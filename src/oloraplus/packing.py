@@ -136,6 +136,17 @@ def _row(prefix: list[int], examples: list[tuple[list[int], list[int]]], longest
     }
 
 
+def packed_model_inputs(batch: dict) -> dict:
+    """What a packed row passes to the model beside input_ids: positions, boundaries, and an empty mask.
+
+    Given no mask, transformers builds a [tokens x tokens] boolean one for a packed row (a test-loss
+    pack of 64 long examples holds 25k tokens: 625 MB, and its temporaries several times that) that
+    packed_sdpa_attention never reads. A 4D mask counts as already prepared and goes through untouched.
+    """
+    empty_mask = torch.ones(1, 1, 0, 0, dtype=torch.bool, device=batch["input_ids"].device)
+    return {"position_ids": batch["position_ids"], **{k: batch[k] for k in PACKED_KEYS}, "attention_mask": empty_mask}
+
+
 def example_bounds(batch: dict) -> list[int]:
     """Where a packed batch's examples start and end in its row (its shared prefix, segment 0, left out)."""
     return batch["cu_seq_lens_q"].tolist()[1 if batch.get("shared_prefix_length") else 0 :]
