@@ -6,6 +6,7 @@ from conftest import build_tiny_llama
 from test_packing import _features
 from transformers import GenerationConfig
 
+from oloraplus import generation
 from oloraplus.generation import ReservedLayer, _prefill_packed, _prefill_padded, greedy_decode
 from oloraplus.packing import use_packed_attention
 
@@ -33,9 +34,11 @@ def _generate_one(model, prompt, max_new_tokens, eos):
     return out[: out.index(eos) + 1] if eos in out else out
 
 
+@pytest.mark.parametrize("room", [32, 3], ids=["room-for-all", "cache-regrows"])
 @pytest.mark.parametrize("shared", [0, 3], ids=["distinct", "shared-prefix"])
-def test_refilled_batch_gives_each_prompt_what_generate_gives_it_alone(shared):
+def test_refilled_batch_gives_each_prompt_what_generate_gives_it_alone(shared, room, monkeypatch):
     """Prompts prefilled packed (their shared prefix once) then decoded in a refilled batch: generate's tokens."""
+    monkeypatch.setattr(generation, "ROOM", room)  # 3: every cache outgrows its room several times
     model = build_tiny_llama(97, seed=3).eval()
     prompts = [t["input_ids"] for t in _features([9, 4, 12, 5, 7, 4, 10], seed=2, shared=shared)]
     assert len({tuple(p[:shared]) for p in prompts}) == 1

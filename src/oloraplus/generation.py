@@ -15,13 +15,18 @@ from oloraplus.models import decoder_and_head
 from oloraplus.packing import can_pack, example_bounds, pack, packed_model_inputs, use_packed_attention
 from oloraplus.precision import autocast_context
 
+# Positions a cache reserves past its longest row, and adds again each time they run out. A whole
+# answer's worth (128) up front made the cache of 64 rows of ~60-token prompts three times what they
+# held; 32 at a time copies the cache once per 32 steps, a small fraction of those steps' matmuls.
+ROOM = 32
+
 
 class ReservedLayer(DynamicLayer):
-    """A DynamicLayer that writes new tokens into room reserved at the first update.
+    """A DynamicLayer that writes new tokens into room reserved ahead (`room` positions at a time).
 
     DynamicLayer concatenates every step, copying the whole cache each time (quadratic in
-    the answer length); here a step writes one position, and concatenation is only the
-    fallback when the room runs out.
+    the answer length); here a step writes one position, and the cache is copied into a
+    larger one only when the room runs out.
     """
 
     def __init__(self, room: int):
@@ -159,17 +164,16 @@ def greedy_decode(
         use_packed_attention(model)  # its unpacked path is transformers' SDPA: decode steps are unchanged
     # refill once a quarter of the rows are free: a decode step costs nearly the same at 16 rows as at 64
     refill_below = batch_size - max(1, batch_size // 4)
+    room = min(ROOM, max_new_tokens)
     while True:
         if waiting < len(prompts) and (len(rows) == 0 or (mergeable and len(rows) <= refill_below)):
             start = torch.arange(waiting, min(len(prompts), waiting + batch_size - len(rows)))
             waiting += len(start)
             joining = [prompts[i] for i in start]
             if packed:
-                new_cache, new_mask, new_next, new_logits = _prefill_packed(model, joining, max_new_tokens)
+                new_cache, new_mask, new_next, new_logits = _prefill_packed(model, joining, room)
             else:
-                new_cache, new_mask, new_next, new_logits = _prefill_padded(
-                    model, joining, max_new_tokens, pad_token_id
-                )
+                new_cache, new_mask, new_next, new_logits = _prefill_padded(model, joining, room, pad_token_id)
             if len(rows) == 0:
                 cache, mask, next_position, logits = new_cache, new_mask, new_next, new_logits
             else:

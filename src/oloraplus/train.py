@@ -35,7 +35,7 @@ from oloraplus.loss import batch_token_losses
 from oloraplus.models import compute_device, load_base
 from oloraplus.optim import loraplus_optimizer
 from oloraplus.packing import PackCollator, can_pack, is_packed, split_packed, use_packed_attention
-from oloraplus.precision import keep_freed_memory_mapped
+from oloraplus.precision import keep_freed_memory_mapped, return_freed_memory
 from oloraplus.prepare import PreparedRun
 from oloraplus.runs import METRICS_FILE, is_finished
 
@@ -201,6 +201,7 @@ def run_training(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
             del trained
             prep.model = None  # the trained copy goes before the evaluated one loads: one model in memory at a time
             gc.collect()  # Trainer and its callbacks hold each other: free the model now, not at some later collection
+            return_freed_memory()
             evaluated = evaluate_saved_adapter(prep, out, ranks)
             if metrics is not None:
                 metrics.update(evaluated)
