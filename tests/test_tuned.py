@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from oloraplus.cli import main
-from oloraplus.config import build_config
+from oloraplus.config import EvalConfig, build_config
 from oloraplus.data import split_indices
 from oloraplus.errors import OLoRAPlusError
 from oloraplus.grid import (
@@ -273,7 +273,11 @@ def test_preset_paper_cpu_tuned():
     )
     assert base.data.val_fraction == 0.1 and base.train.lr == 2e-4
     # the study is run under the training defaults the lean-runs ablation chose, not a recipe of its own
-    assert base.adapter.dropout == 0 and not base.train.group_by_length and base.eval.eval_batch_size == 32
+    assert (
+        base.adapter.dropout == 0
+        and not base.train.group_by_length
+        and base.eval.eval_batch_size == EvalConfig().eval_batch_size
+    )
 
 
 BAD = [

@@ -158,9 +158,9 @@ class TrainConfig:
 class EvalConfig:
     max_new_tokens: int = _help("longest generated answer, in tokens", default=128)
     eval_batch_size: int = _help(
-        "generation / eval-loss batch size (64 decodes faster on a CPU but needs more memory for its KV cache: "
-        "docs/benchmarks.md)",
-        default=32,
+        "generation / eval-loss batch size (more rows decode faster on a CPU, and their KV cache needs more "
+        "memory: docs/benchmarks.md)",
+        default=64,
     )
     generate: bool = _help("generate answers and score BLEU/ROUGE (off: eval loss only)", default=True)
     test: bool = _help(
