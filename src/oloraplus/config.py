@@ -53,7 +53,7 @@ class ModelConfig:
         default="smollm2-135m",
     )
     precision: str = _help(
-        "bf16 (bfloat16 autocast, fp32 master weights), fp32, or auto (bf16 where the hardware supports it)",
+        "bf16 (bfloat16 autocast, fp32 adapter and optimizer), fp32, or auto (bf16 on a GPU with it, fp32 on a CPU)",
         default="auto",
     )
     cache_dir: str | None = _help(

@@ -25,7 +25,7 @@ from oloraplus.generation import generate_answers
 from oloraplus.loss import batch_token_losses
 from oloraplus.models import compute_device
 from oloraplus.packing import PackCollator, can_pack, example_bounds, use_packed_attention
-from oloraplus.precision import autocast_context, keep_freed_memory_mapped
+from oloraplus.precision import autocast_context, keep_freed_memory_mapped, store_frozen_weights_bf16
 from oloraplus.prepare import PreparedRun
 
 # moved to scoring.py (torch-free, for stats.py); still importable from here until report's tests import them there
@@ -87,6 +87,15 @@ def _batch_losses(
         counts = mask.sum(1)
     sums = torch.zeros(len(examples), device=device).index_add_(0, row, token_loss)
     return [(float(sums[k]), int(counts[k])) for k in range(len(examples))]
+
+
+def ready_to_evaluate(model: PreTrainedModel, bf16: bool) -> PreTrainedModel:
+    """On the compute device, frozen, and under bf16 its matmul weights stored in bf16 (the same bits autocast uses)."""
+    model.to(compute_device())
+    model.requires_grad_(False)
+    if bf16:
+        store_frozen_weights_bf16(model)
+    return model
 
 
 def corpus_loss(losses: list[tuple[float, int]]) -> float:
@@ -170,7 +179,7 @@ def evaluate_run(
     model = prep.model
     if run_dir is not None:
         model = merge_saved_adapter(model, Path(run_dir) / "adapter")
-    model.to(compute_device())
+    ready_to_evaluate(model, prep.bf16)
     keep_freed_memory_mapped()
     test = [prep.records[i] for i in prep.split.test]
     metrics, rows = evaluate_model(

@@ -35,6 +35,9 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int) -> torch.Tensor:
         losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        # the dtype autocast would run this matmul in: a head stored in bf16 is then not cast up and back per chunk
+        device = hidden.device.type
+        mm_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
         for s in range(0, hidden.shape[0], rows):
             h, t = hidden[s : s + rows], targets[s : s + rows]
             logits = (h @ weight.t()).float()  # under autocast: a bf16 matmul, like the head's own forward
@@ -43,7 +46,7 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
             if grad is not None:
                 probs = logits.sub_(lse[:, None]).exp_()
                 probs[torch.arange(len(t), device=t.device), t] -= 1.0
-                grad[s : s + rows] = probs.to(h.dtype) @ weight.to(h.dtype)
+                grad[s : s + rows] = probs.to(mm_dtype) @ weight.to(mm_dtype)
         ctx.save_for_backward(grad)
         return losses
 

@@ -1,9 +1,10 @@
 """Which precision a run trains and evaluates in, and the process-level settings that make a CPU run lean.
 
-`auto` asks the hardware: on a GPU with bf16, bf16; on a CPU without native bf16
-(AVX2-only), fp32 at once, since a bf16 matmul there is hundreds of times slower;
-on a CPU with native bf16 (AVX512_BF16, AMX), a short probe times a matmul of the
-model's own MLP shape both ways and keeps bf16 only when it is measurably faster.
+`auto` is a rule backed by measurement (docs/benchmarks.md, "Precision"): bf16 on a GPU with
+bf16; fp32 on every CPU. On an AVX2-only CPU a bf16 matmul is hundreds of times slower. On an
+Intel CPU with AMX, bf16 autocast trained SmolLM2-135M slower than fp32 (227 against 259 real
+tokens/s) at 1.8x the peak memory, although a lone bf16 matmul ran 3-6x faster there: so no
+matmul probe decides it. `--precision bf16` stays available, on a CPU with native bf16 or a GPU.
 """
 
 from __future__ import annotations
@@ -12,20 +13,41 @@ import contextlib
 import ctypes
 import ctypes.util
 import sys
-import time
 
 import torch
 
 from oloraplus.errors import OLoRAPlusError
-
-# bf16 autocast adds a cast per matmul; below this measured matmul speed-up it does not pay
-BF16_MIN_SPEEDUP = 1.2
 
 
 def autocast_context(model: torch.nn.Module, bf16: bool) -> contextlib.AbstractContextManager:
     """bf16 autocast on the model's device, or nothing."""
     device = next(model.parameters()).device.type
     return torch.autocast(device_type=device, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def store_frozen_weights_bf16(model: torch.nn.Module) -> int:
+    """Keep every frozen nn.Linear weight in bf16, cast once; returns how many were cast.
+
+    Under bf16 autocast a matmul casts its fp32 weight to bf16 on every call, and autocast
+    caches only casts of weights that require grad: so every training step and every decode
+    step re-read and re-wrote the whole frozen base. A cast done once yields the very bf16
+    values autocast would make (round to nearest, from the same fp32), so losses, gradients and
+    answers are the same bits (tests/test_precision.py), at half the base's memory. Do it after
+    the OLoRA init, which needs W in fp32. A head tied to the input embedding gets its own bf16
+    copy: the embedding lookup, which autocast leaves in fp32, keeps the fp32 table.
+    """
+    embeddings = {m.weight.data_ptr() for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    cast = 0
+    for module in model.modules():
+        w = getattr(module, "weight", None)
+        if not isinstance(module, torch.nn.Linear) or w is None or w.requires_grad or w.dtype != torch.float32:
+            continue
+        if w.data_ptr() in embeddings:
+            module.weight = torch.nn.Parameter(w.detach().to(torch.bfloat16), requires_grad=False)
+        else:
+            w.data = w.data.to(torch.bfloat16)
+        cast += 1
+    return cast
 
 
 def bf16_supported() -> bool:
@@ -35,23 +57,7 @@ def bf16_supported() -> bool:
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def matmul_speedup_bf16(rows: int, inner: int, cols: int, repeats: int = 5) -> float:
-    """fp32 time / bf16 time of a [rows × inner] @ [inner × cols] matmul, best of `repeats` each."""
-
-    def best(dtype: torch.dtype) -> float:
-        a, b = torch.randn(rows, inner, dtype=dtype), torch.randn(inner, cols, dtype=dtype)
-        a @ b  # warm-up: oneDNN picks its kernel on the first call
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            a @ b
-            times.append(time.perf_counter() - t)
-        return min(times)
-
-    return best(torch.float32) / best(torch.bfloat16)
-
-
-def resolve_precision(requested: str, model: torch.nn.Module | None = None) -> tuple[bool, str]:
+def resolve_precision(requested: str) -> tuple[bool, str]:
     """(use bf16?, why): the choice recorded in a run's metrics."""
     if requested == "fp32":
         return False, "fp32 requested"
@@ -66,15 +72,7 @@ def resolve_precision(requested: str, model: torch.nn.Module | None = None) -> t
         return False, "auto: no native bf16 on this hardware"
     if torch.cuda.is_available():
         return True, "auto: GPU with native bf16"
-    config = getattr(model, "config", None)
-    hidden = getattr(config, "hidden_size", 1024)
-    inner = getattr(config, "intermediate_size", 4 * hidden)
-    speedup = matmul_speedup_bf16(512, hidden, inner)
-    use = speedup >= BF16_MIN_SPEEDUP
-    return (
-        use,
-        f"auto: bf16 matmul {speedup:.2f}x fp32 on this CPU (probe 512x{hidden}x{inner}); {'bf16' if use else 'fp32'}",
-    )
+    return False, "auto: fp32 on a CPU (bf16 autocast measured slower to train there)"
 
 
 def keep_freed_memory_mapped() -> None:

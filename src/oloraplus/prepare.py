@@ -39,7 +39,7 @@ class PreparedRun:
         self.model, self.tokenizer = load_base(cfg.model.name, cfg.model.cache_dir)
         targets = cfg.adapter.target_modules or adapters.default_target_modules(self.model)
         adapters.check_targets(self.model, targets, cfg.adapter.rank)
-        self.bf16, self.precision_choice = resolve_precision(cfg.model.precision, self.model)
+        self.bf16, self.precision_choice = resolve_precision(cfg.model.precision)
         t, d, e = cfg.train, cfg.data, cfg.eval
         self.memory = plan_memory(
             self.model,

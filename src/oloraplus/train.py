@@ -29,13 +29,18 @@ from oloraplus.config import RunConfig
 from oloraplus.data import IGNORE_INDEX, PadCollator, tokenize_records
 from oloraplus.distributed import ALONE, Ranks
 from oloraplus.errors import OLoRAPlusError
-from oloraplus.evaluate import corpus_loss, evaluate_model, example_losses
+from oloraplus.evaluate import corpus_loss, evaluate_model, example_losses, ready_to_evaluate
 from oloraplus.fsutil import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from oloraplus.loss import batch_token_losses
-from oloraplus.models import compute_device, load_base
+from oloraplus.models import load_base
 from oloraplus.optim import loraplus_optimizer
 from oloraplus.packing import PackCollator, can_pack, is_packed, split_packed, use_packed_attention
-from oloraplus.precision import keep_freed_memory_mapped, return_freed_memory
+from oloraplus.precision import (
+    autocast_context,
+    keep_freed_memory_mapped,
+    return_freed_memory,
+    store_frozen_weights_bf16,
+)
 from oloraplus.prepare import PreparedRun
 from oloraplus.runs import METRICS_FILE, is_finished
 
@@ -103,7 +108,9 @@ class OLoRAPlusTrainer(Trainer):
             # the model averaged over this pack's tokens: rescale to the whole batch's count
             scale = labelled_tokens(inputs) / num_items_in_batch
             return (out[0] * scale, *out[1:]) if return_outputs else out * scale
-        token_loss, _ = batch_token_losses(model, inputs)
+        # accelerate's autocast wraps model.forward, which this path does not call: without this, bf16 trained in fp32
+        with autocast_context(model, self.args.bf16):
+            token_loss, _ = batch_token_losses(model, inputs)
         if num_items_in_batch is None:
             return token_loss.mean()
         return token_loss.sum() / num_items_in_batch
@@ -308,6 +315,8 @@ def train_adapter(prep: PreparedRun, out: Path, resume: Path | None = None) -> T
         lr_ratio=a.resolved_lr_ratio,
         micro_batch_tokens=prep.memory.micro_batch_tokens,
     )
+    if prep.bf16 and not trainer.is_fsdp_enabled:  # FSDP shards flat buffers of one dtype: it keeps fp32
+        store_frozen_weights_bf16(model)
     trackers = tracking.TrackerRun(trainer)  # their runs stay open for the final scores, logged after evaluation
     t0 = time.perf_counter()
     try:
@@ -366,7 +375,7 @@ def evaluate_saved_adapter(prep: PreparedRun, out: Path, ranks: Ranks = ALONE) -
     """
     cfg, split, tok, batch = prep.cfg, prep.split, prep.tokenizer, prep.memory.eval_batch_size
     merged = adapters.merge_saved_adapter(load_base(cfg.model.name, cfg.model.cache_dir)[0], out / "adapter")
-    merged.to(compute_device())
+    ready_to_evaluate(merged, prep.bf16)
     metrics: dict[str, Any] = {}
     if split.val:
         val_records = [prep.records[i] for i in split.val]

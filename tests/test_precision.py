@@ -1,0 +1,116 @@
+"""bf16 runs store the frozen matmul weights in bf16 once: the same bits as autocast casting them on every call.
+
+Autocast on a CPU without native bf16 is slow but exact, so these run on either CPU kind.
+"""
+
+import copy
+
+import torch
+from conftest import build_tiny_llama, build_tokenizer
+
+from oloraplus import adapters
+from oloraplus.data import tokenize_example
+from oloraplus.evaluate import example_losses, ready_to_evaluate
+from oloraplus.generation import generate_answers
+from oloraplus.loss import batch_token_losses
+from oloraplus.packing import PackCollator, use_packed_attention
+from oloraplus.precision import autocast_context, store_frozen_weights_bf16
+
+RECS = [
+    {"instruction": "Give three tips for staying healthy.", "input": "", "output": "Eat well and sleep."},
+    {"instruction": "Translate", "input": "bonjour tout le monde, comment allez vous", "output": "hello everyone"},
+    {"instruction": "Why?", "input": "", "output": "Because the sky is blue and the sea is wide."},
+]
+
+
+def _tied_llama(vocab: int):
+    """The tiny Llama with its head tied to the input embedding, as SmolLM2's and Gemma 3's are."""
+    model = build_tiny_llama(vocab, seed=3)
+    model.lm_head.weight = model.model.embed_tokens.weight
+    return model
+
+
+def _trained_side(model, batch):
+    """Packed-batch loss under bf16 autocast, and the adapter's gradients from it."""
+    with autocast_context(model, True):
+        losses, _ = batch_token_losses(model, batch)
+    losses.sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return losses.detach(), grads
+
+
+def test_training_with_bf16_stored_frozen_weights_gives_the_same_loss_and_gradients():
+    tok = build_tokenizer()
+    model = adapters.attach_adapter(_tied_llama(len(tok)), "olora", 4, 8.0, 0.0, None)
+    use_packed_attention(model)
+    batch = PackCollator()([tokenize_example(tok, r, 256) for r in RECS])
+    stored = copy.deepcopy(model)
+    n = store_frozen_weights_bf16(stored)
+
+    base = stored.get_base_model()
+    assert n == 2 * 7 + 1  # every base Linear of both layers (q k v o gate up down) and the head
+    assert base.model.layers[0].self_attn.q_proj.base_layer.weight.dtype == torch.bfloat16
+    assert base.model.embed_tokens.weight.dtype == torch.float32  # the lookup autocast leaves in fp32
+    assert base.lm_head.weight.dtype == torch.bfloat16 and base.lm_head.weight is not base.model.embed_tokens.weight
+    assert all(p.dtype == torch.float32 for p in stored.parameters() if p.requires_grad)  # adapter: fp32 masters
+
+    plain_losses, plain_grads = _trained_side(model, batch)
+    losses, grads = _trained_side(stored, batch)
+    assert torch.equal(losses, plain_losses)
+    assert grads.keys() == plain_grads.keys() and all(torch.equal(grads[k], plain_grads[k]) for k in grads)
+
+
+def test_evaluating_with_bf16_stored_weights_gives_the_same_losses_logits_and_answers():
+    tok = build_tokenizer()
+    model = _tied_llama(len(tok)).requires_grad_(False)
+    stored = ready_to_evaluate(copy.deepcopy(model), bf16=True)
+    assert stored.model.layers[1].mlp.down_proj.weight.dtype == torch.bfloat16
+
+    ids = torch.tensor([tokenize_example(tok, RECS[1], 256)["input_ids"]])
+    with autocast_context(model, True):
+        assert torch.equal(stored(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert example_losses(stored, tok, RECS, 256, 2, bf16=True) == example_losses(model, tok, RECS, 256, 2, bf16=True)
+    assert generate_answers(stored, tok, RECS, 12, 3, bf16=True) == generate_answers(model, tok, RECS, 12, 3, bf16=True)
+
+
+def test_fp32_evaluation_keeps_fp32_weights():
+    model = ready_to_evaluate(build_tiny_llama(97), bf16=False)
+    assert all(p.dtype == torch.float32 and not p.requires_grad for p in model.parameters())
+
+
+def test_a_bf16_run_trains_its_matmuls_in_bf16(tmp_path):
+    """The head-only loss path calls the decoder itself, past accelerate's autocast of model.forward: bf16 must
+    still reach every base matmul of a training step (it once trained in fp32 while the run said bf16)."""
+    import datasets
+    from transformers import TrainingArguments
+
+    from oloraplus.train import OLoRAPlusTrainer
+
+    tok = build_tokenizer()
+    model = adapters.attach_adapter(_tied_llama(len(tok)), "olora", 4, 8.0, 0.0, None)
+    use_packed_attention(model)
+    seen = []
+    layer = model.get_base_model().model.layers[0].mlp.down_proj.base_layer
+    layer.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    args = TrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, bf16=True, report_to=[], per_device_train_batch_size=3, max_steps=1
+    )
+    examples = [tokenize_example(tok, r, 256) for r in RECS]
+    trainer = OLoRAPlusTrainer(
+        model=model, args=args, train_dataset=datasets.Dataset.from_list(examples), data_collator=PackCollator()
+    )
+    trainer.train()
+    assert seen and set(seen) == {torch.bfloat16}
+
+
+def test_auto_is_fp32_on_a_cpu_and_says_why(monkeypatch):
+    """bf16 autocast trained slower than fp32 on the AMX CPU measured (docs/benchmarks.md), and hundreds of times
+    slower without native bf16: so auto is fp32 on either CPU kind, whatever a matmul probe would say."""
+    from oloraplus import precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for native in (False, True):
+        monkeypatch.setattr(precision, "bf16_supported", lambda native=native: native)
+        bf16, why = precision.resolve_precision("auto")
+        assert not bf16 and why.startswith("auto:")
+    assert precision.resolve_precision("bf16") == (True, "bf16 requested")  # still there on request
