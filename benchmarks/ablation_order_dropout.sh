@@ -5,9 +5,11 @@
 #   grouped-dropout  : length-grouped batches, padded, dropout 0.05 (the defaults before packing)
 #   random-dropout   : random order, packed (no padding, same gradient as padded), dropout 0.05
 #   random-nodropout : random order, packed, dropout 0
+#   random-nodropout-bf16 : the same in bf16 autocast (a CPU with native bf16 or a GPU): is bf16 neutral?
 # Each pipeline is a resumable study folder; seeds run outer, pipelines inner, so a sitting
 # that stops part-way holds whole seeds. Then benchmarks/ablation_report.py compares them.
 #   SEEDS=0,1,2 NAMES=grouped-dropout,random-dropout,random-nodropout N_TRAIN=1000 N_TEST=200 bash benchmarks/ablation_order_dropout.sh
+#   NAMES=random-nodropout,random-nodropout-bf16 OUT=docs/results/ablation-precision bash benchmarks/ablation_order_dropout.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
@@ -16,11 +18,12 @@ SEEDS=${SEEDS:-0,1,2}
 NAMES=${NAMES:-grouped-dropout,random-dropout,random-nodropout}
 DATA=${DATA:-${OLORAPLUS_DATA:-../shared/data/alpaca/alpaca_sample.json}}
 common=(--methods olora --data "$DATA" --n_train "${N_TRAIN:-1000}" --n_test "${N_TEST:-200}"
-        --max_new_tokens "${NEW_TOKENS:-128}" --eval_batch_size 32 --precision fp32 --lr 2e-4 --batch_size 8 --no_report)
+        --max_new_tokens "${NEW_TOKENS:-128}" --eval_batch_size 32 --lr 2e-4 --batch_size 8 --no_report)
 declare -A flags=(
-  [grouped-dropout]="--group_by_length true --packing false --dropout 0.05"
-  [random-dropout]="--group_by_length false --packing true --dropout 0.05"
-  [random-nodropout]="--group_by_length false --packing true --dropout 0"
+  [grouped-dropout]="--group_by_length true --packing false --dropout 0.05 --precision fp32"
+  [random-dropout]="--group_by_length false --packing true --dropout 0.05 --precision fp32"
+  [random-nodropout]="--group_by_length false --packing true --dropout 0 --precision fp32"
+  [random-nodropout-bf16]="--group_by_length false --packing true --dropout 0 --precision bf16"
 )
 for seed in ${SEEDS//,/ }; do
   for name in ${NAMES//,/ }; do

@@ -19,11 +19,12 @@ sys.path.insert(0, str(REPO / "src"))  # run from a checkout without installing
 
 from oloraplus.stats import mean_ci, paired_bootstrap, paired_bootstrap_bleu  # noqa: E402
 
-PIPELINES = ("grouped-dropout", "random-dropout", "random-nodropout")
+PIPELINES = ("grouped-dropout", "random-dropout", "random-nodropout", "random-nodropout-bf16")
 PAIRS = (
     ("grouped-dropout", "random-dropout"),
     ("random-dropout", "random-nodropout"),
     ("grouped-dropout", "random-nodropout"),
+    ("random-nodropout", "random-nodropout-bf16"),
 )
 ROUGE = ("rouge1", "rouge2", "rougeL")
 
@@ -45,7 +46,7 @@ def token_loss(preds: list[dict]) -> float:
 
 
 def main(root: Path) -> None:
-    studies = {name: load(root / name) for name in PIPELINES}
+    studies = {name: load(root / name) for name in PIPELINES if (root / name).is_dir()}
     print("finished seeds: " + ", ".join(f"{n} {sorted(s)}" for n, s in studies.items()))
     for name, runs in studies.items():
         for seed, r in sorted(runs.items()):
@@ -56,7 +57,7 @@ def main(root: Path) -> None:
                 f"train {m['train_seconds']:.0f} s at {m['train_tokens_per_s']:.1f} tok/s ({m.get('device', '?')})"
             )
     for a, b in PAIRS:
-        seeds = sorted(set(studies[a]) & set(studies[b]))
+        seeds = sorted(set(studies.get(a, {})) & set(studies.get(b, {})))
         if not seeds:
             continue
         ra, rb = ([studies[x][s]["preds"] for s in seeds] for x in (a, b))

@@ -8,6 +8,8 @@
 #             own loss on padded test batches, and peft_model.generate one prompt at a time
 #             (benchmarks/baseline_protocol.py). Hours on a 2-core CPU: SIDES=ours,before skips it.
 # Sizes can be cut: N_TRAIN=64 N_TEST=16 NEW_TOKENS=32 bash benchmarks/bench_protocol.sh
+# PRECISION (ours and before; default fp32, the AVX2 CPU's only fast one) can be auto or bf16 on a CPU with native
+# bf16: PRECISION=auto SIDES=ours,before bash benchmarks/bench_protocol.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -17,6 +19,7 @@ NEW_TOKENS=${NEW_TOKENS:-128}
 BATCH=${BATCH:-8}
 SIDES=${SIDES:-ours,before,baseline}
 BEFORE_REV=${BEFORE_REV:-ea9ebf0}
+PRECISION=${PRECISION:-fp32}
 DATA=${DATA:-${OLORAPLUS_DATA:-../shared/data/alpaca/alpaca_sample.json}}
 OUT_DIR=${OUT:-benchmarks/protocol_out}
 mkdir -p "$OUT_DIR"
@@ -25,7 +28,7 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 git archive "$BEFORE_REV" src | tar -x -C "$tmp"
 args=(--data "$DATA" --n_train "$N_TRAIN" --n_test "$N_TEST" --max_new_tokens "$NEW_TOKENS" --batch_size "$BATCH"
-      --method olora+ --lr_ratio 4 --precision fp32 --overwrite)
+      --method olora+ --lr_ratio 4 --precision "$PRECISION" --overwrite)
 echo "CPU: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores, flags:$(grep -o -w 'avx2\|avx512f\|avx512_bf16\|amx_bf16' /proc/cpuinfo | sort -u | tr '\n' ' ')"
 echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 for side in ${SIDES//,/ }; do
@@ -52,9 +55,11 @@ for s in sides:
                                                     (out / f"{s}.time").read_text())[0])
     m = json.loads((out / s / "metrics.json").read_text())
     rows[s] = dict(wall=wall, rss_gib=kib / 2**20, kernel=system / (user + system), **m)
-print(f"\n{'side':<10}{'wall min':>10}{'peak RSS GiB':>14}{'kernel':>8}{'train tok/s':>13}{'test loss':>11}{'BLEU':>7}{'ROUGE-L':>9}")
+print(f"\n{'side':<10}{'precision':>10}{'wall min':>10}{'peak RSS GiB':>14}{'kernel':>8}{'train tok/s':>13}"
+      f"{'answer tok/s':>14}{'test loss':>11}{'BLEU':>7}{'ROUGE-L':>9}")
 for s, r in rows.items():
-    print(f"{s:<10}{r['wall'] / 60:>10.1f}{r['rss_gib']:>14.2f}{r['kernel']:>8.1%}{r['train_tokens_per_s']:>13.1f}"
+    print(f"{s:<10}{r.get('precision', 'fp32'):>10}{r['wall'] / 60:>10.1f}{r['rss_gib']:>14.2f}{r['kernel']:>8.1%}"
+          f"{r['train_tokens_per_s']:>13.1f}{r.get('generation_tokens_per_s', float('nan')):>14.1f}"
           f"{r['eval_loss']:>11.4f}{r['bleu']:>7.2f}{r['rougeL']:>9.4f}")
 for s in rows:
     if s != "ours":
