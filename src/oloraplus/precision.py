@@ -2,8 +2,8 @@
 
 `auto` is a rule backed by measurement (docs/benchmarks.md, "Precision"): bf16 on a GPU with
 bf16; fp32 on every CPU. On an AVX2-only CPU a bf16 matmul is hundreds of times slower. On an
-Intel CPU with AMX, bf16 autocast trained SmolLM2-135M slower than fp32 (227 against 259 real
-tokens/s) at 1.8x the peak memory, although a lone bf16 matmul ran 3-6x faster there: so no
+Intel CPU with AMX, bf16 autocast trained SmolLM2-135M slower than fp32 (227 against 247 real
+tokens/s) at 1.8x the run's peak memory, although a lone bf16 matmul ran 3-6x faster there: so no
 matmul probe decides it. `--precision bf16` stays available, on a CPU with native bf16 or a GPU.
 """
 
