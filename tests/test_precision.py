@@ -5,16 +5,19 @@ Autocast on a CPU without native bf16 is slow but exact, so these run on either 
 
 import copy
 
+import datasets
 import torch
 from conftest import build_tiny_llama, build_tokenizer
+from transformers import TrainingArguments
 
-from oloraplus import adapters
+from oloraplus import adapters, precision
 from oloraplus.data import tokenize_example
 from oloraplus.evaluate import example_losses, ready_to_evaluate
 from oloraplus.generation import generate_answers
 from oloraplus.loss import batch_token_losses
 from oloraplus.packing import PackCollator, use_packed_attention
 from oloraplus.precision import autocast_context, store_frozen_weights_bf16
+from oloraplus.train import OLoRAPlusTrainer
 
 RECS = [
     {"instruction": "Give three tips for staying healthy.", "input": "", "output": "Eat well and sleep."},
@@ -81,11 +84,6 @@ def test_fp32_evaluation_keeps_fp32_weights():
 def test_a_bf16_run_trains_its_matmuls_in_bf16(tmp_path):
     """The head-only loss path calls the decoder itself, past accelerate's autocast of model.forward: bf16 must
     still reach every base matmul of a training step (it once trained in fp32 while the run said bf16)."""
-    import datasets
-    from transformers import TrainingArguments
-
-    from oloraplus.train import OLoRAPlusTrainer
-
     tok = build_tokenizer()
     model = adapters.attach_adapter(_tied_llama(len(tok)), "olora", 4, 8.0, 0.0, None)
     use_packed_attention(model)
@@ -106,8 +104,6 @@ def test_a_bf16_run_trains_its_matmuls_in_bf16(tmp_path):
 def test_auto_is_fp32_on_a_cpu_and_says_why(monkeypatch):
     """bf16 autocast trained slower than fp32 on the AMX CPU measured (docs/benchmarks.md), and hundreds of times
     slower without native bf16: so auto is fp32 on either CPU kind, whatever a matmul probe would say."""
-    from oloraplus import precision
-
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for native in (False, True):
         monkeypatch.setattr(precision, "bf16_supported", lambda native=native: native)
