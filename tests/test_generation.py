@@ -96,3 +96,37 @@ def test_reserved_layer_holds_what_concatenation_holds_also_past_its_room():
     assert torch.equal(layer.keys, torch.cat(keys, dim=-2)[[3, 1]])
     k = torch.randn(2, 2, 1, 8)
     assert torch.equal(layer.update(k, k)[0][:, :, -1:], k)
+
+
+def test_moved_rows_keep_their_cache_and_the_padding_no_row_needs_goes():
+    layer = ReservedLayer(room=3)
+    keys = torch.randn(4, 2, 5, 8)
+    layer.update(keys, -keys)
+    layer.move_rows(torch.tensor([1]), torch.tensor([3]), rows=2, start=2)  # rows 1 and 2 ended; 3 takes 1's place
+    assert torch.equal(layer.keys, keys[[0, 3], :, 2:]) and torch.equal(layer.values, -keys[[0, 3], :, 2:])
+    step = torch.randn(2, 2, 1, 8)
+    assert torch.equal(layer.update(step, step)[0], torch.cat([keys[[0, 3], :, 2:], step], dim=-2))
+    for _ in range(3):  # past the room: the cache regrows from the kept rows alone
+        layer.update(step, step)
+    assert layer.keys.shape == (2, 2, 7, 8) and torch.equal(layer.keys[:, :, :3], keys[[0, 3], :, 2:])
+
+
+def test_the_running_batch_grows_past_batch_size_as_prompts_shorten_within_the_first_batchs_cache():
+    """One long prompt, then short ones: once it ends, more rows run, yet never more cache positions."""
+    model = build_tiny_llama(97, seed=3).eval()
+    prompts = [t["input_ids"] for t in _features([30, 4, 5, 4, 6, 4, 5, 4, 4, 5], seed=5)]
+    batch_size, max_new = 2, 6
+    budget = batch_size * (30 + max_new + min(generation.ROOM, max_new))
+    seen = []
+    hook = model.register_forward_pre_hook(
+        lambda _, args, kwargs: seen.append(tuple(kwargs["attention_mask"].shape)), with_kwargs=True
+    )
+    free = greedy_decode(model, prompts, max_new, eos_token_id=-1, pad_token_id=2)
+    eos = free[3][2]
+    seen.clear()
+    ours = greedy_decode(model, prompts, max_new, eos_token_id=eos, pad_token_id=2, batch_size=batch_size)
+    hook.remove()
+    decode_steps = [(rows, width) for rows, width in seen if width > 1]
+    assert max(rows for rows, _ in decode_steps) > batch_size
+    assert max(rows * width for rows, width in decode_steps) <= budget
+    assert ours == [_generate_one(model, p, max_new, eos) for p in prompts]
