@@ -3,7 +3,7 @@
 import pytest
 import torch
 from conftest import build_tiny_llama
-from test_packing import _features
+from test_packing import _features, _tiny_gemma3
 from transformers import GenerationConfig
 
 from oloraplus import generation
@@ -130,3 +130,19 @@ def test_the_running_batch_grows_past_batch_size_as_prompts_shorten_within_the_f
     assert max(rows for rows, _ in decode_steps) > batch_size
     assert max(rows * width for rows, width in decode_steps) <= budget
     assert ours == [_generate_one(model, p, max_new, eos) for p in prompts]
+
+
+def test_a_sliding_window_model_takes_larger_batches_of_shorter_prompts_and_keeps_generates_tokens():
+    """Sliding layers cannot take rows mid-batch, so each batch runs to its end; a later one may be larger."""
+    model = _tiny_gemma3(97).eval()
+    prompts = [t["input_ids"] for t in _features([30, 28, 4, 5, 4, 6, 4, 5], seed=6)]
+    seen = []
+    hook = model.register_forward_pre_hook(
+        lambda _, args, kwargs: seen.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
+    eos = greedy_decode(model, prompts, 6, eos_token_id=-1, pad_token_id=2)[2][1]
+    seen.clear()
+    ours = greedy_decode(model, prompts, 6, eos_token_id=eos, pad_token_id=2, batch_size=2)
+    hook.remove()
+    assert max(seen) > 2
+    assert ours == [_generate_one(model, p, 6, eos) for p in prompts]
