@@ -1,0 +1,56 @@
+"""Where a training step's time goes: torch.profiler over optimizer steps 4-12 of `oloraplus train`, top ops by self CPU time.
+
+Why: a speed goal needs to know which ops hold the time before anything is changed (matmuls,
+attention, casts, element-wise ops). Steps 1-3 are left out (allocation and first-call set-up);
+the process exits after step 12. Extra arguments go to `oloraplus train`, for example the precision:
+
+    python benchmarks/profile_train.py --precision bf16
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+from torch.profiler import ProfilerActivity, profile
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))  # run from a checkout without installing
+
+from oloraplus import train  # noqa: E402
+from oloraplus.cli import main  # noqa: E402
+
+DEFAULT_DATA = os.environ.get("OLORAPLUS_DATA") or str(
+    REPO.parent / "shared" / "data" / "alpaca" / "alpaca_sample.json"
+)
+FIRST, LAST, ROWS = 4, 12, 40
+
+
+def profiled_training_step():
+    original = train.OLoRAPlusTrainer.training_step
+    state = {"step": 0}
+
+    def step(self, model, inputs, num_items_in_batch=None):
+        state["step"] += 1
+        if state["step"] == FIRST:
+            state["t0"], state["profiler"] = time.perf_counter(), profile(activities=[ProfilerActivity.CPU])
+            state["profiler"].__enter__()
+        out = original(self, model, inputs, num_items_in_batch)
+        if state["step"] == LAST:
+            state["profiler"].__exit__(None, None, None)
+            print(f"steps {FIRST}-{LAST}: {time.perf_counter() - state['t0']:.1f} s, load {os.getloadavg()[0]:.2f}")
+            print(state["profiler"].key_averages().table(sort_by="self_cpu_time_total", row_limit=ROWS), flush=True)
+            os._exit(0)
+        return out
+
+    return step
+
+
+if __name__ == "__main__":
+    train.OLoRAPlusTrainer.training_step = profiled_training_step()
+    out = Path(os.environ.get("TMPDIR", "/tmp")) / "oloraplus-profile-train"
+    common = ["train", "--data", DEFAULT_DATA, "--n_train", "200", "--n_test", "8", "--max_new_tokens", "8"]
+    common += ["--method", "olora+", "--lr_ratio", "4", "--output_dir", str(out), "--overwrite"]
+    sys.exit(main(common + sys.argv[1:]))
