@@ -225,8 +225,9 @@ def greedy_decode(
                 rows, cache = rows[:0], None
                 continue
             # the last running rows move into the ended rows' places: the cache copies only those
+            ended_rows = set(ended)
             holes = [k for k in ended if k < kept]
-            sources = [k for k in range(kept, len(rows)) if k not in set(ended)]
+            sources = [k for k in range(kept, len(rows)) if k not in ended_rows]
             keep = torch.arange(kept)
             keep[holes] = torch.tensor(sources, dtype=torch.long)
             rows = rows[keep]
