@@ -10,6 +10,8 @@
 # Sizes can be cut: N_TRAIN=64 N_TEST=16 NEW_TOKENS=32 bash benchmarks/bench_protocol.sh
 # PRECISION (ours and before; default fp32, the AVX2 CPU's only fast one) can be auto or bf16 on a CPU with native
 # bf16: PRECISION=auto SIDES=ours,before bash benchmarks/bench_protocol.sh
+# PRECISION_BEFORE (default PRECISION) sets before's alone: before's bf16 trained in fp32 (docs/benchmarks.md), so
+# PRECISION=bf16 PRECISION_BEFORE=fp32 compares ours in bf16 with before's fastest training.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -20,6 +22,7 @@ BATCH=${BATCH:-8}
 SIDES=${SIDES:-ours,before,baseline}
 BEFORE_REV=${BEFORE_REV:-ea9ebf0}
 PRECISION=${PRECISION:-fp32}
+PRECISION_BEFORE=${PRECISION_BEFORE:-$PRECISION}
 DATA=${DATA:-${OLORAPLUS_DATA:-../shared/data/alpaca/alpaca_sample.json}}
 OUT_DIR=${OUT:-benchmarks/protocol_out}
 mkdir -p "$OUT_DIR"
@@ -35,7 +38,8 @@ for side in ${SIDES//,/ }; do
   echo "== $side ($(date -u +%H:%M:%S))"
   case $side in
     ours)     cmd=(env PYTHONPATH=src "$PY" -m oloraplus.cli train "${args[@]}" --output_dir "$OUT_DIR/ours") ;;
-    before)   cmd=(env PYTHONPATH="$tmp/src" "$PY" -m oloraplus.cli train "${args[@]}" --output_dir "$OUT_DIR/before") ;;
+    before)   cmd=(env PYTHONPATH="$tmp/src" "$PY" -m oloraplus.cli train "${args[@]}" --precision "$PRECISION_BEFORE"
+                   --output_dir "$OUT_DIR/before") ;;
     baseline) cmd=("$PY" benchmarks/baseline_protocol.py --data "$DATA" --n_train "$N_TRAIN" --n_test "$N_TEST"
                    --max_new_tokens "$NEW_TOKENS" --batch_size "$BATCH" --output_dir "$OUT_DIR/baseline") ;;
     *) echo "unknown side $side"; exit 2 ;;

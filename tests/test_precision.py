@@ -101,6 +101,26 @@ def test_a_bf16_run_trains_its_matmuls_in_bf16(tmp_path):
     assert seen and set(seen) == {torch.bfloat16}
 
 
+def test_bf16_autocast_keeps_the_packed_attention_in_fp32_on_a_cpu(monkeypatch):
+    """The CPU flash attention's backward is slower in bf16 than in fp32 (docs/benchmarks.md): under bf16 autocast the
+    packed attention of training and test loss must still compute in fp32, while the matmuls around it run in bf16."""
+    tok = build_tokenizer()
+    model = adapters.attach_adapter(_tied_llama(len(tok)), "olora", 4, 8.0, 0.0, None)
+    use_packed_attention(model)
+    sdpa, seen = torch.nn.functional.scaled_dot_product_attention, []
+
+    def recording_sdpa(*args, **kwargs):
+        out = sdpa(*args, **kwargs)
+        seen.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
+    batch = PackCollator()([tokenize_example(tok, r, 256) for r in RECS])
+    losses, grads = _trained_side(model, batch)
+    assert seen and set(seen) == {torch.float32}
+    assert torch.isfinite(losses).all() and all(torch.isfinite(g).all() for g in grads.values())
+
+
 def test_auto_is_fp32_on_a_cpu_and_says_why(monkeypatch):
     """bf16 autocast trained slower than fp32 on the AMX CPU measured (docs/benchmarks.md), and hundreds of times
     slower without native bf16: so auto is fp32 on either CPU kind, whatever a matmul probe would say."""

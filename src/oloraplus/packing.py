@@ -57,6 +57,16 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, scaling=Non
         scale=scaling,
         enable_gqa=query.shape[1] != key.shape[1],
     )
+    if query.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        # CPU flash attention's backward ran 2.6-3.6x slower in bf16 than in fp32 (Zen 5, Intel AMX); in fp32
+        # here bf16 autocast trains 1.27x faster (docs/benchmarks.md, "bf16 on a CPU: attention kept in fp32")
+        query, key, value = query.float(), key.float(), value.float()
+        with torch.autocast("cpu", enabled=False):
+            return _causal_per_example(sdpa, query, key, value, segments, prefix), None
+    return _causal_per_example(sdpa, query, key, value, segments, prefix), None
+
+
+def _causal_per_example(sdpa, query, key, value, segments: list[tuple[int, int]], prefix: int) -> torch.Tensor:
     parts = []
     for i, (s, e) in enumerate(segments):
         q, k, v = query[:, :, s:e], key[:, :, s:e], value[:, :, s:e]
@@ -66,7 +76,7 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, scaling=Non
             parts.append(sdpa(q, k, v, attn_mask=seen))
         else:
             parts.append(sdpa(q, k, v, is_causal=True))
-    return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
+    return torch.cat(parts, dim=2).transpose(1, 2).contiguous()
 
 
 AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
