@@ -25,7 +25,12 @@ from oloraplus.generation import generate_answers
 from oloraplus.loss import batch_token_losses
 from oloraplus.models import compute_device
 from oloraplus.packing import PackCollator, can_pack, example_bounds, use_packed_attention
-from oloraplus.precision import autocast_context, keep_freed_memory_mapped, store_frozen_weights_bf16
+from oloraplus.precision import (
+    autocast_context,
+    bound_onednn_cache,
+    keep_freed_memory_mapped,
+    store_frozen_weights_bf16,
+)
 from oloraplus.prepare import PreparedRun
 
 # moved to scoring.py (torch-free, for stats.py); still importable from here until report's tests import them there
@@ -181,6 +186,7 @@ def evaluate_run(
         model = merge_saved_adapter(model, Path(run_dir) / "adapter")
     ready_to_evaluate(model, prep.bf16)
     keep_freed_memory_mapped()
+    bound_onednn_cache()
     test = [prep.records[i] for i in prep.split.test]
     metrics, rows = evaluate_model(
         model,

@@ -12,11 +12,14 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import os
 import sys
 
 import torch
 
 from oloraplus.errors import OLoRAPlusError
+
+ONEDNN_CACHE_CAPACITY = 64  # measured in docs/benchmarks.md "bf16 on a CPU"
 
 
 def autocast_context(model: torch.nn.Module, bf16: bool) -> contextlib.AbstractContextManager:
@@ -90,6 +93,18 @@ def keep_freed_memory_mapped() -> None:
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
     mallopt(M_MMAP_THRESHOLD, 1 << 30)
     mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1)
+
+
+def bound_onednn_cache(capacity: int = ONEDNN_CACHE_CAPACITY) -> None:
+    """Cap oneDNN's primitive cache (default 1,024), unless the user set ONEDNN_PRIMITIVE_CACHE_CAPACITY.
+
+    bf16 matmuls on a CPU go through oneDNN, which keeps a primitive, with its buffers, per matmul shape. A
+    packed batch's token count differs from pack to pack, so nearly every pack adds shapes that never come
+    back: the cache grew a bf16 run's training peak from 2.56 GB (fp32) to 4.44 GB over 1,000 examples (Zen 5,
+    docs/benchmarks.md "bf16 on a CPU"). A decode step reuses a few dozen shapes, which the cap keeps. oneDNN
+    reads the variable once, at its first primitive: later calls in the same process change nothing.
+    """
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(capacity))
 
 
 def return_freed_memory() -> None:
