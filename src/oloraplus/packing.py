@@ -59,7 +59,7 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, scaling=Non
     )
     if query.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
         # CPU flash attention's backward ran 2.6-3.6x slower in bf16 than in fp32 (Zen 5, Intel AMX); in fp32
-        # here bf16 autocast trains 1.27x faster (docs/benchmarks.md, "bf16 on a CPU: attention kept in fp32")
+        # here bf16 autocast trained 1.17x faster on Zen 5 (docs/benchmarks.md, "bf16 on a CPU")
         query, key, value = query.float(), key.float(), value.float()
         with torch.autocast("cpu", enabled=False):
             return _causal_per_example(sdpa, query, key, value, segments, prefix), None
