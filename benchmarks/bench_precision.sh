@@ -14,15 +14,10 @@ SIDES=${SIDES:-fp32,bf16,bf16-before}
 BEFORE_REV=${BEFORE_REV:-1d141fd}
 DATA=${DATA:-${OLORAPLUS_DATA:-../shared/data/alpaca/alpaca_sample.json}}
 OUT_DIR=${OUT:-benchmarks/precision_out}
-mkdir -p "$OUT_DIR"
-export PYTHONWARNINGS=ignore
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-git archive "$BEFORE_REV" src | tar -x -C "$tmp"
 args=(--data "$DATA" --n_train "$N_TRAIN" --n_test 8 --max_new_tokens 8 --method olora+ --lr_ratio 4 --overwrite)
-echo "CPU: $(lscpu | sed -n 's/^Model name: *//p') family $(lscpu | sed -n 's/^CPU family: *//p') model" \
-     "$(lscpu | sed -n 's/^Model: *//p'), $(nproc) cores, flags:$(grep -o -w 'avx2\|avx512f\|avx512_bf16\|amx_bf16' /proc/cpuinfo | sort -u | tr '\n' ' ')"
-echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
+# shellcheck source=benchmarks/sides.sh
+source benchmarks/sides.sh
+prepare_sides "$OUT_DIR" "$BEFORE_REV"
 for side in ${SIDES//,/ }; do
   case $side in
     fp32)        src=src precision=fp32 ;;

@@ -25,15 +25,11 @@ PRECISION=${PRECISION:-fp32}
 PRECISION_BEFORE=${PRECISION_BEFORE:-$PRECISION}
 DATA=${DATA:-${OLORAPLUS_DATA:-../shared/data/alpaca/alpaca_sample.json}}
 OUT_DIR=${OUT:-benchmarks/protocol_out}
-mkdir -p "$OUT_DIR"
-export PYTHONWARNINGS=ignore
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-git archive "$BEFORE_REV" src | tar -x -C "$tmp"
 args=(--data "$DATA" --n_train "$N_TRAIN" --n_test "$N_TEST" --max_new_tokens "$NEW_TOKENS" --batch_size "$BATCH"
       --method olora+ --lr_ratio 4 --precision "$PRECISION" --overwrite)
-echo "CPU: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores, flags:$(grep -o -w 'avx2\|avx512f\|avx512_bf16\|amx_bf16' /proc/cpuinfo | sort -u | tr '\n' ' ')"
-echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
+# shellcheck source=benchmarks/sides.sh
+source benchmarks/sides.sh
+prepare_sides "$OUT_DIR" "$BEFORE_REV"
 for side in ${SIDES//,/ }; do
   echo "== $side ($(date -u +%H:%M:%S))"
   case $side in
