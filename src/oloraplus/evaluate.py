@@ -27,8 +27,7 @@ from oloraplus.models import compute_device
 from oloraplus.packing import PackCollator, can_pack, example_bounds, use_packed_attention
 from oloraplus.precision import (
     autocast_context,
-    bound_onednn_cache,
-    keep_freed_memory_mapped,
+    lean_process,
     store_frozen_weights_bf16,
 )
 from oloraplus.prepare import PreparedRun
@@ -185,8 +184,7 @@ def evaluate_run(
     if run_dir is not None:
         model = merge_saved_adapter(model, Path(run_dir) / "adapter")
     ready_to_evaluate(model, prep.bf16)
-    keep_freed_memory_mapped()
-    bound_onednn_cache()
+    lean_process()
     test = [prep.records[i] for i in prep.split.test]
     metrics, rows = evaluate_model(
         model,

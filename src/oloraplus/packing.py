@@ -22,6 +22,7 @@ the sum of what each example sends it), with a quarter fewer tokens to compute.
 
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 
 import torch
@@ -61,9 +62,11 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, scaling=Non
         # CPU flash attention's backward ran 2.6-3.6x slower in bf16 than in fp32 (Zen 5, Intel AMX); in fp32
         # here bf16 autocast trained 1.17x faster on Zen 5 (docs/benchmarks.md, "bf16 on a CPU")
         query, key, value = query.float(), key.float(), value.float()
-        with torch.autocast("cpu", enabled=False):
-            return _causal_per_example(sdpa, query, key, value, segments, prefix), None
-    return _causal_per_example(sdpa, query, key, value, segments, prefix), None
+        precision = torch.autocast("cpu", enabled=False)
+    else:
+        precision = contextlib.nullcontext()
+    with precision:
+        return _causal_per_example(sdpa, query, key, value, segments, prefix), None
 
 
 def _causal_per_example(sdpa, query, key, value, segments: list[tuple[int, int]], prefix: int) -> torch.Tensor:

@@ -37,8 +37,7 @@ from oloraplus.optim import loraplus_optimizer
 from oloraplus.packing import PackCollator, can_pack, is_packed, split_packed, use_packed_attention
 from oloraplus.precision import (
     autocast_context,
-    bound_onednn_cache,
-    keep_freed_memory_mapped,
+    lean_process,
     return_freed_memory,
     store_frozen_weights_bf16,
 )
@@ -176,8 +175,7 @@ def run_training(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
     A finished run, or a checkpoint made with another config, is refused (OLoRAPlusError,
     nothing touched) unless `overwrite`, which always starts the run over.
     """
-    keep_freed_memory_mapped()
-    bound_onednn_cache()
+    lean_process()
     out = Path(cfg.output_dir)
     if is_finished(out) and not overwrite:
         raise OLoRAPlusError(
