@@ -1,6 +1,7 @@
 """Runs that survive being killed: kill -9 mid-run, start again, end as the uninterrupted run does."""
 
 import dataclasses
+import json
 import os
 import shutil
 import signal
@@ -124,6 +125,14 @@ def test_only_a_complete_checkpoint_of_the_same_config_is_resumed(tmp_path):
     assert resumable_checkpoint(run.path, build_config({}, {**faster, "output_dir": "x"})) == run.checkpoint(6)
     with pytest.raises(OLoRAPlusError, match=r"train.seed 0 there, 1 here"):
         resumable_checkpoint(run.path, build_config({}, {**faster, "seed": 1}))
+    # a checkpoint from before eval.precision existed resumes as that setting's default, not as another run
+    resume = run.checkpoint(6) / RESUME_FILE
+    saved = json.loads(resume.read_text())
+    del saved["config"]["eval"]["precision"]
+    resume.write_text(json.dumps(saved))
+    assert resumable_checkpoint(run.path, cfg) == run.checkpoint(6)
+    with pytest.raises(OLoRAPlusError, match=r"eval.precision 'auto' there, 'bf16' here"):
+        resumable_checkpoint(run.path, build_config({}, {"data": "x.json", "eval_precision": "bf16"}))
 
 
 def test_a_run_killed_mid_run_resumes_and_ends_as_the_uninterrupted_run(

@@ -162,19 +162,22 @@ def test_help_explains_every_option():
             assert f"[default: {f.default}]" in helps[flag], flag
 
 
-def test_evaluate_uses_the_precision_the_run_recorded(tiny_model_dir, small_data, tmp_path, capsys):
+def test_evaluate_uses_the_precision_the_run_evaluated_in(tiny_model_dir, small_data, tmp_path, capsys):
     from oloraplus.precision import bf16_supported
 
     out = tmp_path / "run"
     assert main(_train_args(tiny_model_dir, small_data, out, "--max_steps", "1", "--generate", "false")) == 0
-    metrics = json.loads((out / "metrics.json").read_text())
-    metrics["precision"] = "bf16"  # as if the run had chosen bf16: evaluate must follow it, not probe again
-    (out / "metrics.json").write_text(json.dumps(metrics))
-    rc = main(["evaluate", str(out), "--generate", "false"])
-    if bf16_supported():
-        assert rc == 0 and json.loads((out / "evaluation" / "metrics.json").read_text())["precision"] == "bf16"
-    else:
-        assert rc == 2 and "precision bf16 is not supported" in capsys.readouterr().err
+    recorded = json.loads((out / "metrics.json").read_text())
+    assert recorded["eval_precision"] == "fp32" and recorded["eval_precision_choice"].startswith("auto:")  # a CPU
+    # as if the run had evaluated in bf16: evaluate must follow it, not apply `auto` again; the same from a run
+    # made before eval_precision was recorded, which evaluated in its training precision
+    for metrics in ({**recorded, "eval_precision": "bf16"}, {**recorded, "eval_precision": None, "precision": "bf16"}):
+        (out / "metrics.json").write_text(json.dumps({k: v for k, v in metrics.items() if v is not None}))
+        rc = main(["evaluate", str(out), "--generate", "false"])
+        if bf16_supported():
+            assert rc == 0 and json.loads((out / "evaluation" / "metrics.json").read_text())["eval_precision"] == "bf16"
+        else:
+            assert rc == 2 and "eval_precision bf16 is not supported" in capsys.readouterr().err
 
 
 def _compare_parser():

@@ -360,8 +360,14 @@ def test_pairs_that_differ_in_machine_precision_or_settings_are_listed(study: Pa
             folder.config.write_text(yaml.safe_dump(cfg))
 
     edit("olora_lam1_lr0.0002_seed0", {"device": "NVIDIA H200"})
-    edit("olora+_lam0.25_lr0.0002_seed0", {"device": "cpu", "precision": "bf16"}, lambda c: c["train"].pop("packing"))
-    edit("olora+_lam4_lr0.0002_seed0", {"device": None, "train_tokens_per_s": 50.0})  # 333 vs 50 tokens/s: ×6.7
+    # trained in bf16, evaluated in fp32 as its baseline (whose metrics predate eval_precision: evaluated in its fp32)
+    edit(
+        "olora+_lam0.25_lr0.0002_seed0",
+        {"device": "cpu", "precision": "bf16", "eval_precision": "fp32"},
+        lambda c: c["train"].pop("packing"),
+    )
+    # 333 vs 50 tokens/s: ×6.7; and bf16 recorded as runs from before eval_precision did (evaluated in bf16)
+    edit("olora+_lam4_lr0.0002_seed0", {"device": None, "train_tokens_per_s": 50.0, "precision": "bf16"})
     edit("olora_lam1_lr0.0002_seed0", config=lambda c: c["adapter"].update(dropout=0.1))
     write_report(study, n_resamples=RESAMPLES)
     comps = {c["lr_ratio"]: c for c in json.loads((study / "results.json").read_text())["comparisons"]}
@@ -370,15 +376,15 @@ def test_pairs_that_differ_in_machine_precision_or_settings_are_listed(study: Pa
     assert (fields["device"]["run"], fields["device"]["baseline"]) == ("cpu", "NVIDIA H200")
     assert fields["train.packing"]["run"] is None and fields["train.packing"]["baseline"] is True
     far = {d["field"]: d for d in comps[4.0]["pairs"][0]["differences"]}
-    assert set(far) == {"device", "adapter.dropout"} and far["device"]["throughputs"] == pytest.approx(
-        [50.0, 4000 / 12]
-    )
+    assert set(far) == {"device", "adapter.dropout", "precision", "eval_precision"}
+    assert far["device"]["throughputs"] == pytest.approx([50.0, 4000 / 12])
     md = (study / "report.md").read_text()
     assert "## Are the paired runs alike?" in md and "0 of 2 pair(s) alike" in md
     assert "device: cpu vs NVIDIA H200" in md and "precision: bf16 vs fp32" in md
     assert "train.packing: not recorded vs true" in md and "adapter.dropout: 0 vs 0.1" in md
     assert "50 vs 333 tokens/s (×7 apart): different machine kinds" in md
     assert "1 vs 1, 1 pair(s) not alike" in md
+    assert "precision bf16 (evaluated in fp32)" in md  # the first run's, as the header names it
 
 
 def test_pairs_that_differ_only_in_the_compared_settings_are_alike(built):

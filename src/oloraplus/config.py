@@ -53,7 +53,8 @@ class ModelConfig:
         default="smollm2-135m",
     )
     precision: str = _help(
-        "bf16 (bfloat16 autocast, fp32 adapter and optimizer), fp32, or auto (bf16 on a GPU with it, fp32 on a CPU)",
+        "training precision: bf16 (bfloat16 autocast, fp32 adapter and optimizer), fp32, or auto (bf16 on a GPU "
+        "with it and on a CPU with AVX512_BF16 but no AMX, fp32 on other CPUs: docs/benchmarks.md)",
         default="auto",
     )
     cache_dir: str | None = _help(
@@ -162,6 +163,12 @@ class EvalConfig:
         "memory: docs/benchmarks.md)",
         default=64,
     )
+    precision: str = _help(
+        "test loss and answers in bf16 (autocast), fp32, or auto (fp32 on a CPU, where bf16 answers measured "
+        "worse; the training precision on a GPU)",
+        flag="eval_precision",
+        default="auto",
+    )
     generate: bool = _help("generate answers and score BLEU/ROUGE (off: eval loss only)", default=True)
     test: bool = _help(
         "evaluate on the test split (off for learning-rate selection runs, which must never read test data)",
@@ -199,7 +206,12 @@ SCHEDULE_ONLY = (
 
 
 def results_config(data: dict[str, Any]) -> dict[str, Any]:
-    """A config dict without its SCHEDULE_ONLY settings: what two runs must share to be the same run."""
+    """A config dict without its SCHEDULE_ONLY settings: what two runs must share to be the same run.
+
+    Settings a saved config predates take their defaults (older runs' config.yaml lack eval.precision).
+    """
+    filled = build_config(data).to_dict()
+    data = {k: v for k, v in filled.items() if k in data or k in SECTIONS}  # no output_dir where there was none
     return {
         section: {k: v for k, v in values.items() if (section, k) not in SCHEDULE_ONLY}
         if isinstance(values, dict)
@@ -376,8 +388,9 @@ def validate(cfg: RunConfig) -> None:
         raise OLoRAPlusError(f"max_length must be >= 8, got {d.max_length}")
     if e.max_new_tokens <= 0 or e.eval_batch_size <= 0:
         raise OLoRAPlusError("max_new_tokens and eval batch_size must be > 0")
-    if m.precision not in ("auto", "bf16", "fp32"):
-        raise OLoRAPlusError(f"precision must be auto, bf16 or fp32, got '{m.precision}'")
+    for name, value in (("precision", m.precision), ("eval_precision", e.precision)):
+        if value not in ("auto", "bf16", "fp32"):
+            raise OLoRAPlusError(f"{name} must be auto, bf16 or fp32, got '{value}'")
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:

@@ -31,6 +31,7 @@ from oloraplus.precision import (
     store_frozen_weights_bf16,
 )
 from oloraplus.prepare import PreparedRun
+from oloraplus.runs import recorded_eval_precision
 
 # moved to scoring.py (torch-free, for stats.py); still importable from here until report's tests import them there
 from oloraplus.scoring import ROUGE_TYPES, score_texts
@@ -169,11 +170,11 @@ def evaluate_run(
         config_path = config_path or str(run / "config.yaml")
         out = Path(eval_dir) if eval_dir else run / "evaluation"
         recorded = run / "metrics.json"
-        if "precision" not in overrides and recorded.is_file():
-            # the precision the run evaluated in, not a fresh `auto` probe that could choose the other one
-            precision = json.loads(recorded.read_text()).get("precision")
+        if "eval_precision" not in overrides and recorded.is_file():
+            # the precision the run evaluated in, not a fresh `auto` rule that could choose the other one
+            precision = recorded_eval_precision(json.loads(recorded.read_text()))
             if precision in ("fp32", "bf16"):
-                overrides = {**overrides, "precision": precision}
+                overrides = {**overrides, "eval_precision": precision}
     else:
         if not eval_dir:
             raise OLoRAPlusError("evaluating the base model needs --eval_dir (where to write its results)")
@@ -183,7 +184,7 @@ def evaluate_run(
     model = prep.model
     if run_dir is not None:
         model = merge_saved_adapter(model, Path(run_dir) / "adapter")
-    ready_to_evaluate(model, prep.bf16)
+    ready_to_evaluate(model, prep.eval_bf16)
     lean_process()
     test = [prep.records[i] for i in prep.split.test]
     metrics, rows = evaluate_model(
@@ -194,10 +195,14 @@ def evaluate_run(
         cfg.data.max_length,
         prep.memory.eval_batch_size,
         cfg.eval.max_new_tokens,
-        prep.bf16,
+        prep.eval_bf16,
         generate=cfg.eval.generate,
     )
-    metrics.update(status="finished", precision="bf16" if prep.bf16 else "fp32", precision_choice=prep.precision_choice)
+    metrics.update(
+        status="finished",
+        eval_precision="bf16" if prep.eval_bf16 else "fp32",
+        eval_precision_choice=prep.eval_precision_choice,
+    )
     atomic_write_jsonl(out / "predictions.jsonl", rows)
     atomic_write_json(out / "metrics.json", metrics)
     return metrics, out

@@ -1,10 +1,15 @@
 """Which precision a run trains and evaluates in, and the process-level settings that make a CPU run lean.
 
-`auto` is a rule backed by measurement (docs/benchmarks.md, "Precision"): bf16 on a GPU with
-bf16; fp32 on every CPU. On an AVX2-only CPU a bf16 matmul is hundreds of times slower. On an
-Intel CPU with AMX, bf16 autocast trained SmolLM2-135M slower than fp32 (227 against 247 real
-tokens/s) at 1.8x the run's peak memory, although a lone bf16 matmul ran 3-6x faster there: so no
-matmul probe decides it. `--precision bf16` stays available, on a CPU with native bf16 or a GPU.
+`auto` is a rule backed by measurement (docs/benchmarks.md, "Precision" and "bf16 on a CPU"), decided
+apart for training and for evaluation:
+- training: bf16 on a GPU with bf16, and on a CPU with AVX512_BF16 but no AMX (Zen 5: 1.84x fp32's
+  real tokens/s); fp32 on other CPUs. On an AVX2-only CPU a bf16 matmul is hundreds of times slower; on an
+  Intel CPU with AMX bf16 autocast trained slower than fp32 (227 against 247 real tokens/s), although a
+  lone bf16 matmul ran 3-6x faster there: so no matmul probe decides it.
+- evaluation (test loss, greedy answers): fp32 on every CPU, the training precision on a GPU. bf16-trained
+  adapters evaluated in fp32 score as fp32-trained ones (3 paired seeds); answered in bf16 they scored lower
+  on BLEU and ROUGE-1 (docs/results/ablation-precision).
+`--precision bf16` / `--eval_precision bf16` stay available on a CPU with native bf16 or a GPU.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import ctypes
 import ctypes.util
 import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -60,22 +66,48 @@ def bf16_supported() -> bool:
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def resolve_precision(requested: str) -> tuple[bool, str]:
-    """(use bf16?, why): the choice recorded in a run's metrics."""
+def cpu_info() -> dict[str, str]:
+    """The first processor's /proc/cpuinfo fields ({} where there is none, as on macOS)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+    except OSError:
+        return {}
+    return {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in text.splitlines()) if _}
+
+
+def _checked(requested: str, supported: bool, what: str) -> bool | None:
+    """fp32/bf16 as asked (bf16 refused where unsupported); None for auto."""
     if requested == "fp32":
-        return False, "fp32 requested"
+        return False
+    if requested == "bf16" and not supported:
+        raise OLoRAPlusError(f"{what} bf16 is not supported on this hardware (no native bf16 matmul); use fp32 or auto")
+    return True if requested == "bf16" else None
+
+
+def resolve_precision(requested: str) -> tuple[bool, str]:
+    """(train in bf16?, why): the choice recorded in a run's metrics."""
     supported = bf16_supported()
-    if requested == "bf16":
-        if not supported:
-            raise OLoRAPlusError(
-                "precision bf16 is not supported on this hardware (no native bf16 matmul); use fp32 or auto"
-            )
-        return True, "bf16 requested"
+    chosen = _checked(requested, supported, "precision")
+    if chosen is not None:
+        return chosen, f"{requested} requested"
     if not supported:
         return False, "auto: no native bf16 on this hardware"
     if torch.cuda.is_available():
         return True, "auto: GPU with native bf16"
-    return False, "auto: fp32 on a CPU (bf16 autocast measured slower to train there)"
+    flags = set(cpu_info().get("flags", "").split())
+    if "avx512_bf16" in flags and "amx_bf16" not in flags:
+        return True, "auto: bf16 on a CPU with AVX512_BF16 and no AMX (measured 1.84x fp32's training speed)"
+    return False, "auto: fp32 on this CPU (bf16 measured faster to train only with AVX512_BF16 and no AMX)"
+
+
+def resolve_eval_precision(requested: str, train_bf16: bool) -> tuple[bool, str]:
+    """(evaluate in bf16?, why): test loss and answers in fp32 on a CPU unless asked, as training on a GPU."""
+    chosen = _checked(requested, bf16_supported(), "eval_precision")
+    if chosen is not None:
+        return chosen, f"{requested} requested"
+    if torch.cuda.is_available():
+        return train_bf16, "auto: the training precision on a GPU"
+    return False, "auto: fp32 on a CPU (bf16 answers measured worse on BLEU/ROUGE there)"
 
 
 def keep_freed_memory_mapped() -> None:

@@ -18,7 +18,7 @@ from oloraplus.config import RunConfig, load_config
 from oloraplus.errors import OLoRAPlusError
 from oloraplus.loss import LOGITS_CHUNK_BYTES
 from oloraplus.models import load_base
-from oloraplus.precision import resolve_precision
+from oloraplus.precision import resolve_eval_precision, resolve_precision
 from oloraplus.records import Split, load_records, split_indices
 
 
@@ -40,6 +40,7 @@ class PreparedRun:
         targets = cfg.adapter.target_modules or adapters.default_target_modules(self.model)
         adapters.check_targets(self.model, targets, cfg.adapter.rank)
         self.bf16, self.precision_choice = resolve_precision(cfg.model.precision)
+        self.eval_bf16, self.eval_precision_choice = resolve_eval_precision(cfg.eval.precision, self.bf16)
         t, d, e = cfg.train, cfg.data, cfg.eval
         self.memory = plan_memory(
             self.model,

@@ -172,3 +172,8 @@ def run_folders(study_dir: str | os.PathLike) -> list[RunFolder]:
     """Every run folder of a study, sorted by run id; [] when STUDY/runs does not exist yet."""
     runs_dir = Path(study_dir) / RUNS_DIR
     return [RunFolder(p) for p in sorted(runs_dir.iterdir()) if p.is_dir()] if runs_dir.is_dir() else []
+
+
+def recorded_eval_precision(metrics: dict[str, Any]) -> str | None:
+    """The precision a run's metrics say it evaluated in (runs made before eval_precision evaluated in their training one)."""
+    return metrics.get("eval_precision", metrics.get("precision"))

@@ -37,6 +37,7 @@ from oloraplus.optim import loraplus_optimizer
 from oloraplus.packing import PackCollator, can_pack, is_packed, split_packed, use_packed_attention
 from oloraplus.precision import (
     autocast_context,
+    cpu_info,
     lean_process,
     return_freed_memory,
     store_frozen_weights_bf16,
@@ -125,20 +126,11 @@ def device_name() -> str:
     """
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
-    info = _cpuinfo()
+    info = cpu_info()
     flags = set(info.get("flags", "").split())
     units = torch.backends.cpu.get_cpu_capability() + (" + AVX512_BF16" if "avx512_bf16" in flags else "")
     kind = f"family {info['cpu family']} model {info['model']}; " if "cpu family" in info and "model" in info else ""
     return f"cpu: {info.get('model name', platform.processor() or '?')} ({kind}{units})"
-
-
-def _cpuinfo() -> dict[str, str]:
-    """The first processor's /proc/cpuinfo fields ({} where there is none, as on macOS)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
-    except OSError:
-        return {}
-    return {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in text.splitlines()) if _}
 
 
 @dataclass
@@ -357,6 +349,8 @@ def record_training(prep: PreparedRun, trained: TrainedAdapter, out: Path) -> di
         "train_tokens_per_s": tokens / trained.seconds if trained.seconds else None,
         "precision": "bf16" if prep.bf16 else "fp32",
         "precision_choice": prep.precision_choice,
+        "eval_precision": "bf16" if prep.eval_bf16 else "fp32",  # test loss and answers: fp32 on a CPU by default
+        "eval_precision_choice": prep.eval_precision_choice,
         "memory_plan": prep.memory.to_dict(),
         "peak_rss_gb_training": peak_rss_gb(),  # beside the whole run's peak: which phase sets it
         "device": device_name(),  # timings of one study can come from several machines
@@ -375,11 +369,11 @@ def evaluate_saved_adapter(prep: PreparedRun, out: Path, ranks: Ranks = ALONE) -
     """
     cfg, split, tok, batch = prep.cfg, prep.split, prep.tokenizer, prep.memory.eval_batch_size
     merged = adapters.merge_saved_adapter(load_base(cfg.model.name, cfg.model.cache_dir)[0], out / "adapter")
-    ready_to_evaluate(merged, prep.bf16)
+    ready_to_evaluate(merged, prep.eval_bf16)
     metrics: dict[str, Any] = {}
     if split.val:
         val_records = [prep.records[i] for i in split.val]
-        val = example_losses(merged, tok, val_records, cfg.data.max_length, batch, prep.bf16, ranks)
+        val = example_losses(merged, tok, val_records, cfg.data.max_length, batch, prep.eval_bf16, ranks)
         metrics["val_loss"] = corpus_loss(val)
     if not cfg.eval.test:  # a selection run: validation only, the test split stays unread
         metrics["status"] = "finished" if math.isfinite(metrics.get("val_loss", 0.0)) else "diverged"
@@ -393,7 +387,7 @@ def evaluate_saved_adapter(prep: PreparedRun, out: Path, ranks: Ranks = ALONE) -
         cfg.data.max_length,
         batch,
         cfg.eval.max_new_tokens,
-        prep.bf16,
+        prep.eval_bf16,
         generate=cfg.eval.generate,
         ranks=ranks,
     )

@@ -32,6 +32,7 @@ from oloraplus.report.load import Study
 from oloraplus.report.texts import RecordTexts
 from oloraplus.report.verdicts import fixed_section, pairing_section, tuned_section
 from oloraplus.report.wording import columns, say
+from oloraplus.runs import recorded_eval_precision
 from oloraplus.stats import format_mean_ci
 
 __all__ = ["BulletList", "Cell", "Document", "Figure", "Heading", "Paragraph", "Quote", "Section", "Table", "build"]
@@ -82,6 +83,7 @@ def head(study: Study) -> tuple[Block, ...]:
             epochs=base.train.epochs,
             batch_size=base.train.batch_size,
             precision=first.get("precision", "?"),
+            eval_precision=recorded_eval_precision(first) or "?",
         ),
         say("item_methods", methods=grid.methods, lr_ratios=grid.lr_ratios, baseline=study.baseline),
         say("item_seeds", seeds=grid.seeds),

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from oloraplus.report.load import Run
+from oloraplus.runs import recorded_eval_precision
 
 # What a comparison varies on purpose (the method, its λ, its lr under protocol tuned), and what the pairing fixes.
 COMPARED = frozenset({"adapter.method", "adapter.lr_ratio", "train.lr", "train.seed"})
@@ -81,8 +82,9 @@ def _device(run: Run, base: Run) -> Difference | None:
 def check_pair(run: Run, base: Run) -> PairCheck:
     """What differs between a run and its baseline run, besides the compared settings."""
     diffs = [d for d in (_device(run, base),) if d is not None]
-    if run.metrics.get("precision") != base.metrics.get("precision"):
-        diffs.append(Difference("precision", run.metrics.get("precision"), base.metrics.get("precision")))
+    for name, recorded_in in (("precision", lambda m: m.get("precision")), ("eval_precision", recorded_eval_precision)):
+        if recorded_in(run.metrics) != recorded_in(base.metrics):
+            diffs.append(Difference(name, recorded_in(run.metrics), recorded_in(base.metrics)))
     a, b = flat_config(run.config), flat_config(base.config)
     for name in sorted((a.keys() | b.keys()) - COMPARED - BOOKKEEPING):
         if a.get(name) != b.get(name):

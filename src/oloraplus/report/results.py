@@ -29,6 +29,7 @@ CSV_COLUMNS = (
     "train_tokens",
     "train_tokens_per_s",
     "precision",
+    "eval_precision",
     "final_train_loss",
     "val_loss",
     "eval_loss",
