@@ -6,10 +6,11 @@
 #   random-dropout   : random order, packed (no padding, same gradient as padded), dropout 0.05
 #   random-nodropout : random order, packed, dropout 0
 #   random-nodropout-bf16 : the same in bf16 autocast (a CPU with native bf16 or a GPU): is bf16 neutral?
+#   random-nodropout-bf16train : trained in bf16, test loss and answers in fp32 (auto's choice on an AVX512_BF16 CPU)
 # Each pipeline is a resumable study folder; seeds run outer, pipelines inner, so a sitting
 # that stops part-way holds whole seeds. Then benchmarks/ablation_report.py compares them.
 #   SEEDS=0,1,2 NAMES=grouped-dropout,random-dropout,random-nodropout N_TRAIN=1000 N_TEST=200 bash benchmarks/ablation_order_dropout.sh
-#   NAMES=random-nodropout,random-nodropout-bf16 OUT=docs/results/ablation-precision bash benchmarks/ablation_order_dropout.sh
+#   NAMES=random-nodropout,random-nodropout-bf16,random-nodropout-bf16train OUT=docs/results/ablation-precision bash benchmarks/ablation_order_dropout.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
@@ -23,7 +24,8 @@ declare -A flags=(
   [grouped-dropout]="--group_by_length true --packing false --dropout 0.05 --precision fp32"
   [random-dropout]="--group_by_length false --packing true --dropout 0.05 --precision fp32"
   [random-nodropout]="--group_by_length false --packing true --dropout 0 --precision fp32"
-  [random-nodropout-bf16]="--group_by_length false --packing true --dropout 0 --precision bf16"
+  [random-nodropout-bf16]="--group_by_length false --packing true --dropout 0 --precision bf16 --eval_precision bf16"
+  [random-nodropout-bf16train]="--group_by_length false --packing true --dropout 0 --precision bf16 --eval_precision fp32"
 )
 for seed in ${SEEDS//,/ }; do
   for name in ${NAMES//,/ }; do

@@ -19,12 +19,19 @@ sys.path.insert(0, str(REPO / "src"))  # run from a checkout without installing
 
 from oloraplus.stats import mean_ci, paired_bootstrap, paired_bootstrap_bleu  # noqa: E402
 
-PIPELINES = ("grouped-dropout", "random-dropout", "random-nodropout", "random-nodropout-bf16")
+PIPELINES = (
+    "grouped-dropout",
+    "random-dropout",
+    "random-nodropout",
+    "random-nodropout-bf16",
+    "random-nodropout-bf16train",
+)
 PAIRS = (
     ("grouped-dropout", "random-dropout"),
     ("random-dropout", "random-nodropout"),
     ("grouped-dropout", "random-nodropout"),
     ("random-nodropout", "random-nodropout-bf16"),
+    ("random-nodropout", "random-nodropout-bf16train"),
 )
 ROUGE = ("rouge1", "rouge2", "rougeL")
 

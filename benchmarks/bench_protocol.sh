@@ -8,10 +8,10 @@
 #             own loss on padded test batches, and peft_model.generate one prompt at a time
 #             (benchmarks/baseline_protocol.py). Hours on a 2-core CPU: SIDES=ours,before skips it.
 # Sizes can be cut: N_TRAIN=64 N_TEST=16 NEW_TOKENS=32 bash benchmarks/bench_protocol.sh
-# PRECISION (ours and before; default fp32, the AVX2 CPU's only fast one) can be auto or bf16 on a CPU with native
-# bf16: PRECISION=auto SIDES=ours,before bash benchmarks/bench_protocol.sh
-# PRECISION_BEFORE (default PRECISION) sets before's alone: before's bf16 trained in fp32 (docs/benchmarks.md), so
-# PRECISION=bf16 PRECISION_BEFORE=fp32 compares ours in bf16 with before's fastest training.
+# PRECISION sets ours' (default auto, what a user gets: bf16 training on a CPU with AVX512_BF16 and no AMX, fp32
+# elsewhere; evaluation in fp32 on every CPU). PRECISION_BEFORE sets before's (default fp32: its bf16 trained in
+# fp32, docs/benchmarks.md, and on an AVX2 CPU fp32 is its auto). The earlier rows' fp32-only runs:
+# PRECISION=fp32 SIDES=ours,before bash benchmarks/bench_protocol.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -21,8 +21,8 @@ NEW_TOKENS=${NEW_TOKENS:-128}
 BATCH=${BATCH:-8}
 SIDES=${SIDES:-ours,before,baseline}
 BEFORE_REV=${BEFORE_REV:-ea9ebf0}
-PRECISION=${PRECISION:-fp32}
-PRECISION_BEFORE=${PRECISION_BEFORE:-$PRECISION}
+PRECISION=${PRECISION:-auto}
+PRECISION_BEFORE=${PRECISION_BEFORE:-fp32}
 DATA=${DATA:-${OLORAPLUS_DATA:-../shared/data/alpaca/alpaca_sample.json}}
 OUT_DIR=${OUT:-benchmarks/protocol_out}
 args=(--data "$DATA" --n_train "$N_TRAIN" --n_test "$N_TEST" --max_new_tokens "$NEW_TOKENS" --batch_size "$BATCH"
@@ -55,15 +55,18 @@ for s in sides:
                                                     (out / f"{s}.time").read_text())[0])
     m = json.loads((out / s / "metrics.json").read_text())
     rows[s] = dict(wall=wall, rss_gib=kib / 2**20, kernel=system / (user + system), **m)
-print(f"\n{'side':<10}{'precision':>10}{'wall min':>10}{'peak RSS GiB':>14}{'kernel':>8}{'train tok/s':>13}"
+print(f"\n{'side':<10}{'train/eval precision':>21}{'wall min':>10}{'peak RSS GiB':>14}{'kernel':>8}{'train tok/s':>13}"
       f"{'answer tok/s':>14}{'test loss':>11}{'BLEU':>7}{'ROUGE-L':>9}")
 for s, r in rows.items():
-    print(f"{s:<10}{r.get('precision', 'fp32'):>10}{r['wall'] / 60:>10.1f}{r['rss_gib']:>14.2f}{r['kernel']:>8.1%}"
+    precisions = f"{r.get('precision', 'fp32')}/{r.get('eval_precision', r.get('precision', 'fp32'))}"
+    print(f"{s:<10}{precisions:>21}{r['wall'] / 60:>10.1f}{r['rss_gib']:>14.2f}{r['kernel']:>8.1%}"
           f"{r['train_tokens_per_s']:>13.1f}{r.get('generation_tokens_per_s', float('nan')):>14.1f}"
           f"{r['eval_loss']:>11.4f}{r['bleu']:>7.2f}{r['rougeL']:>9.4f}")
 for s in rows:
     if s != "ours":
         print(f"ours vs {s}: wall {rows[s]['wall'] / rows['ours']['wall']:.2f}x faster, "
-              f"peak RSS {rows['ours']['rss_gib'] / rows[s]['rss_gib']:.2f}x")
+              f"peak RSS {rows['ours']['rss_gib'] / rows[s]['rss_gib']:.2f}x, "
+              f"training {rows['ours']['train_tokens_per_s'] / rows[s]['train_tokens_per_s']:.2f}x, "
+              f"answers {rows['ours'].get('generation_tokens_per_s', 0) / rows[s].get('generation_tokens_per_s', 1):.2f}x")
 (out / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
 PYEOF
