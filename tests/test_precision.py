@@ -166,12 +166,15 @@ def test_bf16_where_there_is_none_is_refused_naming_the_setting(monkeypatch):
             resolve(*args)
 
 
-def test_the_onednn_cache_is_capped_unless_the_user_set_it(monkeypatch):
-    """bf16 packs of ever-new shapes filled oneDNN's default 1,024-primitive cache (+1.9 GB over a run): the run caps
-    it before its first matmul, and a capacity the user chose is kept."""
-    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
-    precision.bound_onednn_cache()
-    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(precision.ONEDNN_CACHE_CAPACITY)
-    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "1024")
-    precision.bound_onednn_cache()
-    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "1024"
+def test_the_primitive_caches_are_capped_unless_the_user_set_them(monkeypatch):
+    """bf16 packs of ever-new shapes filled oneDNN's and ideep's default 1,024-primitive caches (+1.9 GB and +0.4 GiB
+    over a run): the run caps both before its first matmul, and a capacity the user chose is kept."""
+    caps = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": precision.ONEDNN_CACHE_CAPACITY, "LRU_CACHE_CAPACITY": 16}
+    for name in caps:
+        monkeypatch.delenv(name, raising=False)
+    precision.lean_process()
+    assert {name: os.environ[name] for name in caps} == {name: str(cap) for name, cap in caps.items()}
+    for name in caps:
+        monkeypatch.setenv(name, "1024")
+    precision.lean_process()
+    assert all(os.environ[name] == "1024" for name in caps)

@@ -26,6 +26,7 @@ import torch
 from oloraplus.errors import OLoRAPlusError
 
 ONEDNN_CACHE_CAPACITY = 64  # measured in docs/benchmarks.md "bf16 on a CPU"
+IDEEP_CACHE_CAPACITY = 16  # measured in docs/benchmarks.md "Training in bf16, evaluating in fp32"
 
 
 def autocast_context(model: torch.nn.Module, bf16: bool) -> contextlib.AbstractContextManager:
@@ -127,23 +128,25 @@ def keep_freed_memory_mapped() -> None:
     mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1)
 
 
-def bound_onednn_cache(capacity: int = ONEDNN_CACHE_CAPACITY) -> None:
-    """Cap oneDNN's primitive cache (default 1,024), unless the user set ONEDNN_PRIMITIVE_CACHE_CAPACITY.
+def bound_primitive_caches() -> None:
+    """Cap the two caches of bf16 matmul primitives a CPU run fills, unless the user set their variables.
 
-    bf16 matmuls on a CPU go through oneDNN, which keeps a primitive, with its buffers, per matmul shape. A
-    packed batch's token count differs from pack to pack, so nearly every pack adds shapes that never come
-    back: the cache grew a bf16 run's training peak from 2.56 GB (fp32) to 4.44 GB over 1,000 examples (Zen 5,
-    docs/benchmarks.md "bf16 on a CPU"). A decode step reuses a few dozen shapes, which fit under the cap. oneDNN
-    reads the variable once, at its first primitive: later calls in the same process change nothing. bf16
-    answers ran at 299 tokens/s with the cap (run F there); decoding without it was not measured.
+    bf16 matmuls on a CPU go through ideep and oneDNN, which keep a primitive, with its buffers, per matmul
+    shape (ideep's LRU cache, LRU_CACHE_CAPACITY, default 1,024; oneDNN's, ONEDNN_PRIMITIVE_CACHE_CAPACITY,
+    default 1,024). A packed batch's token count differs from pack to pack, so nearly every pack adds shapes
+    that never come back. oneDNN's at 64: a bf16 run's training peak over 1,000 examples 4.44 -> 3.00 GiB;
+    ideep's at 16 as well: 2.71 -> 2.29 GiB over 300 examples, training 505 -> 588 real tokens/s, the same
+    loss bits (Zen 5, docs/benchmarks.md "bf16 on a CPU" and "Training in bf16, evaluating in fp32"). Both
+    libraries read their variable once, at first use: later calls in the same process change nothing.
     """
-    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(capacity))
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_CACHE_CAPACITY))
+    os.environ.setdefault("LRU_CACHE_CAPACITY", str(IDEEP_CACHE_CAPACITY))
 
 
 def lean_process() -> None:
-    """The process-level settings a run and an evaluation start with: glibc's freed blocks kept, oneDNN's cache capped."""
+    """The process-level settings a run and an evaluation start with: glibc's freed blocks kept, primitive caches capped."""
     keep_freed_memory_mapped()
-    bound_onednn_cache()
+    bound_primitive_caches()
 
 
 def return_freed_memory() -> None:
