@@ -34,16 +34,25 @@ PAIRS = (
     ("random-nodropout", "random-nodropout-bf16train"),
 )
 ROUGE = ("rouge1", "rouge2", "rougeL")
+# a pipeline that is another one's runs scored again: `oloraplus evaluate RUN --eval_precision fp32 --eval_dir
+# RUN/evaluation-fp32` on each bf16 run (its folder, from the script, is read instead where it exists)
+REEVALUATED = {"random-nodropout-bf16train": ("random-nodropout-bf16", "evaluation-fp32")}
 
 
-def load(study: Path) -> dict[int, dict]:
-    """seed -> {metrics, predictions} of the finished runs of one pipeline's study folder."""
+def load(study: Path, scored_in: str = "") -> dict[int, dict]:
+    """seed -> {metrics, predictions} of the finished runs of one pipeline's study folder.
+
+    `scored_in`: each run's subfolder holding a later evaluation of it, whose scores replace the run's own.
+    """
     runs = {}
     for metrics_file in sorted(study.glob("runs/*/metrics.json")):
         m = json.loads(metrics_file.read_text())
-        if m.get("status") != "finished":
+        scores = metrics_file.parent / scored_in
+        if m.get("status") != "finished" or not (scores / "predictions.jsonl").is_file():
             continue
-        preds = [json.loads(line) for line in (metrics_file.parent / "predictions.jsonl").read_text().splitlines()]
+        if scored_in:
+            m = {**m, **json.loads((scores / "metrics.json").read_text())}
+        preds = [json.loads(line) for line in (scores / "predictions.jsonl").read_text().splitlines()]
         runs[int(m["seed"])] = {"metrics": m, "preds": sorted(preds, key=lambda p: p["index"])}
     return runs
 
@@ -54,6 +63,10 @@ def token_loss(preds: list[dict]) -> float:
 
 def main(root: Path) -> None:
     studies = {name: load(root / name) for name in PIPELINES if (root / name).is_dir()}
+    for name, (source, scored_in) in REEVALUATED.items():
+        if name not in studies and (root / source).is_dir():
+            studies[name] = load(root / source, scored_in)
+    studies = {name: runs for name, runs in studies.items() if runs}
     print("finished seeds: " + ", ".join(f"{n} {sorted(s)}" for n, s in studies.items()))
     for name, runs in studies.items():
         for seed, r in sorted(runs.items()):
