@@ -59,7 +59,9 @@ def main() -> None:
     mm = [e for e in events if e.key in MATMULS]
     mm_s, mm_flops = sum(e.self_cpu_time_total for e in mm) / 1e6, sum(e.flops for e in mm)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load {os.getloadavg()[0]:.2f}")
-    print(f"{a.n} prompts, {tokens} answer tokens in {seconds:.1f} s under the profiler: {tokens / seconds:.1f} tokens/s")
+    print(
+        f"{a.n} prompts, {tokens} answer tokens in {seconds:.1f} s under the profiler: {tokens / seconds:.1f} tokens/s"
+    )
     print(f"matmuls: {mm_s:.1f} s of {total:.1f} s self CPU ({mm_s / total:.0%}), {mm_flops / mm_s / 1e9:.1f} GFLOP/s")
     print(f"if only the matmuls took time: {tokens / mm_s:.1f} answer tokens/s ({seconds / mm_s:.2f}x today's)")
     print(events.table(sort_by="self_cpu_time_total", row_limit=a.rows))
