@@ -180,12 +180,12 @@ def evaluate_run(
             raise OLoRAPlusError("evaluating the base model needs --eval_dir (where to write its results)")
         out = Path(eval_dir)
     cfg = load_config(config_path, overrides)
+    lean_process()  # before the first matmul: the libraries read its settings once
     prep = PreparedRun(cfg)
     model = prep.model
     if run_dir is not None:
         model = merge_saved_adapter(model, Path(run_dir) / "adapter")
     ready_to_evaluate(model, prep.eval_bf16)
-    lean_process()
     test = [prep.records[i] for i in prep.split.test]
     metrics, rows = evaluate_model(
         model,
@@ -198,11 +198,7 @@ def evaluate_run(
         prep.eval_bf16,
         generate=cfg.eval.generate,
     )
-    metrics.update(
-        status="finished",
-        eval_precision="bf16" if prep.eval_bf16 else "fp32",
-        eval_precision_choice=prep.eval_precision_choice,
-    )
+    metrics.update(status="finished", **prep.eval_precision_record())
     atomic_write_jsonl(out / "predictions.jsonl", rows)
     atomic_write_json(out / "metrics.json", metrics)
     return metrics, out

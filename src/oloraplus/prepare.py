@@ -53,6 +53,13 @@ class PreparedRun:
             LOGITS_CHUNK_BYTES,
         )
 
+    def eval_precision_record(self) -> dict[str, str]:
+        """What a run's and an evaluation's metrics say of the evaluation precision: fp32 on a CPU by default."""
+        return {
+            "eval_precision": "bf16" if self.eval_bf16 else "fp32",
+            "eval_precision_choice": self.eval_precision_choice,
+        }
+
 
 def checked_run(run_dir: str | Path) -> tuple[Path, RunConfig]:
     """A run folder's saved adapter and its config (config.yaml), checked before anything is loaded or written."""

@@ -349,8 +349,7 @@ def record_training(prep: PreparedRun, trained: TrainedAdapter, out: Path) -> di
         "train_tokens_per_s": tokens / trained.seconds if trained.seconds else None,
         "precision": "bf16" if prep.bf16 else "fp32",
         "precision_choice": prep.precision_choice,
-        "eval_precision": "bf16" if prep.eval_bf16 else "fp32",  # test loss and answers: fp32 on a CPU by default
-        "eval_precision_choice": prep.eval_precision_choice,
+        **prep.eval_precision_record(),
         "memory_plan": prep.memory.to_dict(),
         "peak_rss_gb_training": peak_rss_gb(),  # beside the whole run's peak: which phase sets it
         "device": device_name(),  # timings of one study can come from several machines
