@@ -190,3 +190,28 @@ print(kept >> 20, (rss() - base) >> 20)
     kept, after = int(out[0]), int(out[1])
     assert kept > 900  # glibc kept the freed blocks: the next step reuses them without page faults
     assert after < 100
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc settings")
+def test_evaluation_returns_freed_memory_only_once_the_process_has_grown_past_the_margin():
+    script = """
+import torch
+from oloraplus.precision import keep_freed_memory_mapped, return_freed_memory, return_freed_memory_when_grown
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096
+keep_freed_memory_mapped()
+return_freed_memory()
+base = rss()
+def grow(mib):
+    blocks = [torch.ones(1 << 20) for _ in range(mib // 4)]  # freed again at once: kept by glibc
+    del blocks
+grow(64)
+return_freed_memory_when_grown(128 << 20)  # grown 64 MiB: under the margin, kept for reuse
+small = rss() - base
+grow(512)
+return_freed_memory_when_grown(128 << 20)  # grown past it: back to the OS
+print(small >> 20, (rss() - base) >> 20)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
+    small, after = int(out[0]), int(out[1])
+    assert small > 48
+    assert after < 48

@@ -28,6 +28,7 @@ from oloraplus.packing import PackCollator, can_pack, example_bounds, use_packed
 from oloraplus.precision import (
     autocast_context,
     lean_process,
+    return_freed_memory_when_grown,
     store_frozen_weights_bf16,
 )
 from oloraplus.prepare import PreparedRun
@@ -77,6 +78,7 @@ def _batch_losses(
     model: PreTrainedModel, examples: list[dict], collate, packed: bool, bf16: bool
 ) -> list[tuple[float, int]]:
     """(summed response-token loss, response tokens) per example of one batch."""
+    return_freed_memory_when_grown()
     device = next(model.parameters()).device
     batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in collate(examples).items()}
     with autocast_context(model, bf16):

@@ -13,7 +13,7 @@ from oloraplus.data import IGNORE_INDEX, prompt_ids
 from oloraplus.distributed import ALONE, Ranks
 from oloraplus.models import decoder_and_head
 from oloraplus.packing import can_pack, example_bounds, pack, packed_model_inputs, use_packed_attention
-from oloraplus.precision import autocast_context
+from oloraplus.precision import autocast_context, return_freed_memory_when_grown
 
 # Positions a cache reserves past its longest row, and adds again each time they run out. A whole
 # answer's worth (128) up front made the cache of 64 rows of ~60-token prompts three times what they
@@ -195,6 +195,7 @@ def greedy_decode(
             start = torch.arange(waiting, min(len(prompts), waiting + fit - len(rows)))
             waiting += len(start)
             joining = [prompts[i] for i in start]
+            return_freed_memory_when_grown()  # the freed holes the last rows touched, before new ones are made
             if packed:
                 new_cache, new_mask, new_next, new_logits = _prefill_packed(model, joining, room)
             else:
