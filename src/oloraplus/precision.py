@@ -176,7 +176,7 @@ def resident_bytes() -> int | None:
         return None
 
 
-def return_freed_memory_when_grown(margin: int = EVAL_RETURN_MARGIN) -> None:
+def return_freed_memory_when_grown(margin: int | None = None) -> None:
     """return_freed_memory once this process has grown `margin` bytes since it last returned memory.
 
     Evaluation after training allocates into the heap training left behind: each tensor of a new size
@@ -187,6 +187,7 @@ def return_freed_memory_when_grown(margin: int = EVAL_RETURN_MARGIN) -> None:
     -> 2.44 GiB at a 128 MiB margin, answers 215 tokens/s and all 500 identical; returning at every call
     instead: 2.38 GiB but 159 tokens/s (pages fault back in), hence the margin.
     """
+    margin = EVAL_RETURN_MARGIN if margin is None else margin
     now = resident_bytes()
     if now is not None and now - _resident_after_return >= margin:
         return_freed_memory()
