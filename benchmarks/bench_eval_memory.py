@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -53,18 +54,23 @@ def main() -> None:
                "--n_test", str(args.n_test), "--max_new_tokens", str(args.max_new_tokens), "--method", "olora+",
                "--lr_ratio", "4", "--overwrite", "--output_dir", str(run)]  # fmt: skip
         print(f"== margin {margin}: {run}", flush=True)
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        kernel = (after.ru_stime - before.ru_stime) / max(
+            1e-9, after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+        )
         metrics = json.loads((run / "metrics.json").read_text())
         answers = [json.loads(line)["prediction"] for line in (run / "predictions.jsonl").read_text().splitlines()]
-        rows.append((margin, metrics, answers))
-    _, first, first_answers = rows[0]
+        rows.append((margin, metrics, answers, kernel))
+    _, first, first_answers, _ = rows[0]
     print(f"\n{'margin MiB':<12}{'peak GiB':>10}{'training':>10}{'test loss s':>13}{'answer tok/s':>14}"
-          f"{'same loss':>11}{'same answers':>14}")  # fmt: skip
-    for margin, m, answers in rows:
+          f"{'same loss':>11}{'same answers':>14}{'kernel':>9}")  # fmt: skip
+    for margin, m, answers, kernel in rows:
         same = sum(a == b for a, b in zip(answers, first_answers))
         print(f"{margin:<12}{m['peak_rss_gb']:>10.3f}{m['peak_rss_gb_training']:>10.3f}{m['eval_loss_seconds']:>13.1f}"
               f"{m['generation_tokens_per_s']:>14.1f}{m['eval_loss'] == first['eval_loss']!s:>11}"
-              f"{same:>9}/{len(answers)}")  # fmt: skip
+              f"{same:>9}/{len(answers)}{kernel:>9.1%}")  # fmt: skip
     print(f"(precision {first['precision']} training, {first['eval_precision']} evaluation; device {first['device']})")
 
 
