@@ -1,0 +1,117 @@
+"""Two decode-step changes tried for goal 3, side by side with the plain decoder: do they pay?
+
+Why: on an fp32 CPU a decode step is mostly matmuls already near their peak (benchmarks/profile_decode.py),
+so what is left to win is in the small matmuls and the attention. This tries, in one process, on the same
+prompts, alternating so that a host's drift shows as spread rather than as an effect:
+  plain  - the run's decoder as it is (SDPA attention, separate q/k/v and gate/up projections);
+  fused  - q/k/v and gate/up each computed as one matmul over their stacked weights, sliced after
+           (fewer, wider matmuls; the same bits when the kernel sums each column alike, checked below);
+  eager  - transformers' eager attention (matmul + softmax) instead of SDPA's flash kernel.
+Prints answer tokens/s per try and how many answers equal the first plain try's. SmolLM2-135M, fp32:
+
+    python benchmarks/bench_decode_variants.py --n 128 --repeats 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))  # run from a checkout without installing
+
+from oloraplus.data import load_records, prompt_ids, split_indices  # noqa: E402
+from oloraplus.generation import greedy_decode  # noqa: E402
+from oloraplus.models import load_base  # noqa: E402
+from oloraplus.precision import lean_process  # noqa: E402
+
+DEFAULT_DATA = os.environ.get("OLORAPLUS_DATA") or str(
+    REPO.parent / "shared" / "data" / "alpaca" / "alpaca_sample.json"
+)
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # projections of one input
+
+
+def fuse_projections(model: torch.nn.Module) -> list[torch.nn.Linear]:
+    """Each group of SIBLINGS becomes one matmul: the first call computes all, the others take their slice.
+
+    The weights move into one stacked tensor (each Linear keeps a row view of it: no extra memory).
+    Returns the Linears whose forward was replaced (`del linear.forward` restores it).
+    """
+    replaced = []
+    for module in model.modules():
+        for names in SIBLINGS:
+            members = [getattr(module, n, None) for n in names]
+            if not all(isinstance(m, torch.nn.Linear) and m.bias is None for m in members):
+                continue
+            stacked = torch.cat([m.weight.detach() for m in members])
+            shared = {"input": None, "output": None, "left": 0}
+            start = 0
+            for m in members:
+                end = start + m.out_features
+                m.weight.data = stacked[start:end]
+                m.forward = _slice_of(shared, stacked, start, end, len(members))
+                replaced.append(m)
+                start = end
+    return replaced
+
+
+def _slice_of(shared: dict, stacked: torch.Tensor, start: int, end: int, members: int):
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if shared["input"] is not x or shared["left"] == 0:  # a new input: compute the whole group once
+            shared.update(input=x, output=torch.nn.functional.linear(x, stacked), left=members)
+        out = shared["output"][..., start:end]
+        shared["left"] -= 1
+        if shared["left"] == 0:
+            shared.update(input=None, output=None)
+        return out
+
+    return forward
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=128, help="test prompts (the first N of our test split) [128]")
+    p.add_argument("--max_new_tokens", type=int, default=128)
+    p.add_argument("--batch_size", type=int, default=64, help="the eval batch size (the run's default) [64]")
+    p.add_argument("--repeats", type=int, default=2, help="tries of each variant, interleaved [2]")
+    p.add_argument("--data", default=DEFAULT_DATA)
+    args = p.parse_args(argv)
+    lean_process()
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    print(f"{cpu}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}")
+    records = load_records(args.data)
+    model, tok = load_base("smollm2-135m")
+    model.eval().requires_grad_(False)
+    test = [records[i] for i in split_indices(len(records), 0, args.n, 0.0, 42, args.data).test]
+    prompts = sorted((prompt_ids(tok, r) for r in test), key=lambda q: -len(q))  # as a run orders them
+    reference = None
+    for attempt in range(args.repeats):
+        for variant in ("plain", "fused", "eager"):
+            replaced = fuse_projections(model) if variant == "fused" else []
+            model.set_attn_implementation("eager" if variant == "eager" else "sdpa")
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                answers = greedy_decode(
+                    model, prompts, args.max_new_tokens, tok.eos_token_id, tok.pad_token_id, args.batch_size
+                )
+            seconds = time.perf_counter() - t0
+            for m in replaced:
+                del m.forward
+            reference = reference or answers
+            tokens = sum(len(a) for a in answers)
+            same = sum(a == b for a, b in zip(answers, reference))
+            print(
+                f"try {attempt + 1} {variant:<6} {seconds:7.1f} s  {tokens:6d} tokens  {tokens / seconds:6.1f} tokens/s"
+                f"  answers equal to plain's: {same}/{len(answers)}",
+                flush=True,
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
