@@ -3,7 +3,7 @@
 `auto` is a rule backed by measurement (docs/benchmarks.md, "Precision" and "bf16 on a CPU"), decided
 apart for training and for evaluation:
 - training: bf16 on a GPU with bf16, and on a CPU with AVX512_BF16 but no AMX (Zen 5: 1.84x fp32's
-  real tokens/s); fp32 on other CPUs. On an AVX2-only CPU a bf16 matmul is hundreds of times slower; on an
+  real tokens/s, Zen 4: 1.54x); fp32 on other CPUs. On an AVX2-only CPU a bf16 matmul is hundreds of times slower; on an
   Intel CPU with AMX bf16 autocast trained slower than fp32 (227 against 247 real tokens/s), although a
   lone bf16 matmul ran 3-6x faster there: so no matmul probe decides it.
 - evaluation (test loss, greedy answers): fp32 on every CPU, the training precision on a GPU. bf16-trained
@@ -101,7 +101,7 @@ def resolve_precision(requested: str) -> tuple[bool, str]:
         return True, "auto: GPU with native bf16"
     flags = set(cpu_info().get("flags", "").split())
     if "avx512_bf16" in flags and "amx_bf16" not in flags:
-        return True, "auto: bf16 on a CPU with AVX512_BF16 and no AMX (measured 1.84x fp32's training speed)"
+        return True, "auto: bf16 on a CPU with AVX512_BF16 and no AMX (Zen 4/5: 1.54-1.84x fp32's training speed)"
     return False, "auto: fp32 on this CPU (bf16 measured faster to train only with AVX512_BF16 and no AMX)"
 
 
