@@ -1,12 +1,17 @@
-"""Two decode-step changes tried for goal 3, side by side with the plain decoder: do they pay?
+"""Decode-step changes tried for goal 3, side by side with the plain decoder: do they pay?
 
-Why: on an fp32 CPU a decode step is mostly matmuls already near their peak (benchmarks/profile_decode.py),
-so what is left to win is in the small matmuls and the attention. This tries, in one process, on the same
+Why: on an fp32 CPU a decode step is mostly matmuls (benchmarks/profile_decode.py: at the fp32 peak on Zen 5,
+at 82 GFLOP/s of ~180 on Zen 4), so what is left to win is in how they are computed and in the attention. This tries, in one process, on the same
 prompts, alternating so that a host's drift shows as spread rather than as an effect:
-  plain  - the run's decoder as it is (SDPA attention, separate q/k/v and gate/up projections);
+  plain  - the run's decoder with MKL's sgemm for every matmul (SDPA attention, separate q/k/v and gate/up);
   fused  - q/k/v and gate/up each computed as one matmul over their stacked weights, sliced after
            (fewer, wider matmuls; the same bits when the kernel sums each column alike, checked below);
-  eager  - transformers' eager attention (matmul + softmax) instead of SDPA's flash kernel.
+  eager  - transformers' eager attention (matmul + softmax) instead of SDPA's flash kernel;
+  onednn - every Linear (the LM head included) through oneDNN's inner product on its weight reordered once
+           into oneDNN's layout (torch.utils.mkldnn's way), instead of MKL's sgemm, which packs the weight
+           on every call: decode steps stream all weights once per step;
+  onednn_head - the same for the LM head alone (a fifth of a step's FLOPs, its widest matmul): the run's
+           default where `generation.onednn_head_pays` (plain here keeps MKL's head on every CPU).
 Prints answer tokens/s per try and how many answers equal the first plain try's. SmolLM2-135M, fp32:
 
     python benchmarks/bench_decode_variants.py --n 128 --repeats 2
@@ -26,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))  # run from a checkout without installing
 
 from oloraplus.data import load_records, prompt_ids, split_indices  # noqa: E402
-from oloraplus.generation import greedy_decode  # noqa: E402
+from oloraplus.generation import greedy_decode, onednn_forward  # noqa: E402
 from oloraplus.models import load_base  # noqa: E402
 from oloraplus.precision import lean_process  # noqa: E402
 
@@ -60,6 +65,15 @@ def fuse_projections(model: torch.nn.Module) -> list[torch.nn.Linear]:
     return replaced
 
 
+def onednn_linears(model: torch.nn.Module) -> list[torch.nn.Linear]:
+    """Every Linear's forward becomes `generation.onednn_forward` (a tied LM head gets its own weight copy).
+    Returns the Linears whose forward was replaced (`del linear.forward` restores it)."""
+    replaced = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    for m in replaced:
+        m.forward = onednn_forward(m)
+    return replaced
+
+
 def _slice_of(shared: dict, stacked: torch.Tensor, start: int, end: int, members: int):
     def forward(x: torch.Tensor) -> torch.Tensor:
         if shared["input"] is not x or shared["left"] == 0:  # a new input: compute the whole group once
@@ -79,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max_new_tokens", type=int, default=128)
     p.add_argument("--batch_size", type=int, default=64, help="the eval batch size (the run's default) [64]")
     p.add_argument("--repeats", type=int, default=2, help="tries of each variant, interleaved [2]")
+    p.add_argument("--variants", default="plain,fused,eager,onednn,onednn_head", help="which, in order [all]")
     p.add_argument("--data", default=DEFAULT_DATA)
     args = p.parse_args(argv)
     lean_process()
@@ -91,13 +106,20 @@ def main(argv: list[str] | None = None) -> int:
     prompts = sorted((prompt_ids(tok, r) for r in test), key=lambda q: -len(q))  # as a run orders them
     reference = None
     for attempt in range(args.repeats):
-        for variant in ("plain", "fused", "eager"):
-            replaced = fuse_projections(model) if variant == "fused" else []
+        for variant in args.variants.split(","):
+            change = {"fused": fuse_projections, "onednn": onednn_linears}.get(variant)
+            replaced = change(model) if change else []
             model.set_attn_implementation("eager" if variant == "eager" else "sdpa")
             t0 = time.perf_counter()
             with torch.no_grad():
                 answers = greedy_decode(
-                    model, prompts, args.max_new_tokens, tok.eos_token_id, tok.pad_token_id, args.batch_size
+                    model,
+                    prompts,
+                    args.max_new_tokens,
+                    tok.eos_token_id,
+                    tok.pad_token_id,
+                    args.batch_size,
+                    onednn_head=variant == "onednn_head",  # plain: MKL's head, whatever this CPU's default
                 )
             seconds = time.perf_counter() - t0
             for m in replaced:

@@ -28,6 +28,48 @@ def test_greedy_decode_equals_generate_also_when_rows_finish_early():
         assert row == cut
 
 
+def test_lm_head_in_onednn_gives_generates_tokens_and_is_put_back(monkeypatch):
+    """Forced on (whatever this CPU's rule): the head runs through oneDNN, the answers are generate's, the
+    module's own forward returns afterwards; bf16 weights keep it off."""
+    model = build_tiny_llama(97, seed=3).eval()
+    prompts = [t["input_ids"] for t in _features([7, 4, 9, 5], seed=1)]
+    calls = []
+    made = generation.onednn_forward
+
+    def counted(linear):
+        forward = made(linear)
+        return lambda x: calls.append(x.shape) or forward(x)
+
+    monkeypatch.setattr(generation, "onednn_forward", counted)
+    eos = greedy_decode(model, prompts, 8, eos_token_id=-1, pad_token_id=2, onednn_head=False)[0][2]
+    assert calls == []
+    ours = greedy_decode(model, prompts, 8, eos_token_id=eos, pad_token_id=2, batch_size=2, onednn_head=True)
+    assert len(calls) > 8 and "forward" not in vars(model.get_output_embeddings())
+    assert ours == [_generate_one(model, p, 8, eos) for p in prompts]
+    calls.clear()
+    model.to(torch.bfloat16)
+    greedy_decode(model, prompts[:1], 2, eos_token_id=-1, pad_token_id=2, onednn_head=True)
+    assert calls == []
+
+
+def test_the_onednn_head_is_the_default_only_on_the_cpu_it_was_measured_faster_on(monkeypatch):
+    """Zen 4 (bench_decode_variants.py: 1.14x at 128 prompts, the same answers); unmeasured CPUs keep MKL."""
+    for family, flags, chosen in (
+        ("25", "avx2 avx512f avx512_bf16", True),  # Zen 4
+        ("25", "avx2 fma", False),  # Zen 3
+        ("26", "avx2 avx512f avx512_bf16", False),  # Zen 5
+    ):
+        info = {"vendor_id": "AuthenticAMD", "cpu family": family, "flags": flags}
+        monkeypatch.setattr(generation, "cpu_info", lambda info=info: info)
+        assert generation.onednn_head_pays() is chosen, (family, flags)
+    monkeypatch.setattr(
+        generation,
+        "cpu_info",
+        lambda: {"vendor_id": "GenuineIntel", "cpu family": "6", "flags": "avx512f avx512_bf16 amx_bf16"},
+    )
+    assert generation.onednn_head_pays() is False
+
+
 def _generate_one(model, prompt, max_new_tokens, eos):
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=2, eos_token_id=eos)
     out = model.generate(input_ids=torch.tensor([prompt]), generation_config=config)[0, len(prompt) :].tolist()
