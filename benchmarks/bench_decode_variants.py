@@ -1,8 +1,9 @@
 """Decode-step changes tried for goal 3, side by side with the plain decoder: do they pay?
 
 Why: on an fp32 CPU a decode step is mostly matmuls (benchmarks/profile_decode.py: at the fp32 peak on Zen 5,
-at 82 GFLOP/s of ~180 on Zen 4), so what is left to win is in how they are computed and in the attention. This tries, in one process, on the same
-prompts, alternating so that a host's drift shows as spread rather than as an effect:
+at 82 GFLOP/s of ~180 on Zen 4), so what is left to win is in how they are computed and in the attention.
+This tries, in one process, on the same prompts, alternating so that a host's drift shows as spread rather
+than as an effect:
   plain  - the run's decoder with MKL's sgemm for every matmul (SDPA attention, separate q/k/v and gate/up);
   fused  - q/k/v and gate/up each computed as one matmul over their stacked weights, sliced after
            (fewer, wider matmuls; the same bits when the kernel sums each column alike, checked below);

@@ -28,6 +28,7 @@ def test_greedy_decode_equals_generate_also_when_rows_finish_early():
         assert row == cut
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="a torch build without oneDNN")
 def test_lm_head_in_onednn_gives_generates_tokens_and_is_put_back(monkeypatch):
     """Forced on (whatever this CPU's rule): the head runs through oneDNN, the answers are generate's, the
     module's own forward returns afterwards; bf16 weights keep it off."""

@@ -103,12 +103,12 @@ def onednn_head_pays() -> bool:
     """
     info = cpu_info()
     flags = set(info.get("flags", "").split())
-    zen4 = info.get("vendor_id") == "AuthenticAMD" and info.get("cpu family") == "25" and "avx512f" in flags
-    return torch.backends.mkldnn.is_available() and zen4
+    return info.get("vendor_id") == "AuthenticAMD" and info.get("cpu family") == "25" and "avx512f" in flags
 
 
 def onednn_forward(linear: torch.nn.Linear) -> Callable[[torch.Tensor], torch.Tensor]:
-    """`linear`'s forward as oneDNN's inner product on a copy of its weight in oneDNN's layout (torch.utils.mkldnn's way)."""
+    """`linear`'s forward as oneDNN's inner product on a copy of its weight in oneDNN's layout
+    (torch.utils.mkldnn's way)."""
     weight, bias = linear.weight.detach().to_mkldnn(), linear.bias
 
     def forward(x: torch.Tensor) -> torch.Tensor:
@@ -124,7 +124,8 @@ def head_in_onednn(model: PreTrainedModel, wanted: bool | None = None) -> Iterat
     on a CPU only. The copy of the head weight (113 MB for SmolLM2) lives as long as the answers."""
     head = model.get_output_embeddings()
     fits = (
-        isinstance(head, torch.nn.Linear)
+        torch.backends.mkldnn.is_available()
+        and isinstance(head, torch.nn.Linear)
         and "forward" not in vars(head)
         and head.weight.device.type == "cpu"
         and head.weight.dtype == torch.float32

@@ -3,9 +3,9 @@
 `auto` is a rule backed by measurement (docs/benchmarks.md, "Precision" and "bf16 on a CPU"), decided
 apart for training and for evaluation:
 - training: bf16 on a GPU with bf16, and on a CPU with AVX512_BF16 but no AMX (Zen 5: 1.84x fp32's
-  real tokens/s, Zen 4: 1.54x); fp32 on other CPUs. On an AVX2-only CPU a bf16 matmul is hundreds of times slower; on an
-  Intel CPU with AMX bf16 autocast trained slower than fp32 (227 against 247 real tokens/s), although a
-  lone bf16 matmul ran 3-6x faster there: so no matmul probe decides it.
+  real tokens/s, Zen 4: 1.54x); fp32 on other CPUs. On an AVX2-only CPU a bf16 matmul is hundreds of times
+  slower; on an Intel CPU with AMX bf16 autocast trained slower than fp32 (227 against 247 real tokens/s),
+  although a lone bf16 matmul ran 3-6x faster there: so no matmul probe decides it.
 - evaluation (test loss, greedy answers): fp32 on every CPU, the training precision on a GPU. bf16-trained
   adapters evaluated in fp32 score as fp32-trained ones (3 paired seeds); answered in bf16 they scored lower
   on BLEU and ROUGE-1 (docs/results/ablation-precision).
