@@ -1,9 +1,9 @@
 """The decode step's matmul shapes, fp32, MKL's sgemm (`F.linear`) against oneDNN's inner product on a weight
-reordered once into its layout (`generation.onednn_forward`), in GFLOP/s, with a square matmul for scale.
+packed once into its layout (`generation.onednn_forward`), in GFLOP/s, with a square matmul for scale.
 
 Why: on Zen 4 `profile_decode.py` put answering's matmuls at 82 GFLOP/s, half a square matmul's rate; this
 shows which shapes lose it and whether oneDNN keeps it (SmolLM2-135M: hidden 576, k/v 192, MLP 1,536, vocabulary
-49,152; rows = the running batch). The largest gap chose `generation.onednn_head_pays`:
+49,152; rows = the running batch). The gaps chose `generation.onednn_linears_pay`:
 
     python benchmarks/bench_decode_matmuls.py
 """

@@ -8,11 +8,12 @@ than as an effect:
   fused  - q/k/v and gate/up each computed as one matmul over their stacked weights, sliced after
            (fewer, wider matmuls; the same bits when the kernel sums each column alike, checked below);
   eager  - transformers' eager attention (matmul + softmax) instead of SDPA's flash kernel;
-  onednn - every Linear (the LM head included) through oneDNN's inner product on its weight reordered once
-           into oneDNN's layout (torch.utils.mkldnn's way), instead of MKL's sgemm, which packs the weight
-           on every call: decode steps stream all weights once per step;
-  onednn_head - the same for the LM head alone (a fifth of a step's FLOPs, its widest matmul): the run's
-           default where `generation.onednn_head_pays` (plain here keeps MKL's head on every CPU).
+  onednn - every Linear (the LM head included) through oneDNN's inner product on its weight packed once
+           into oneDNN's layout (`generation.linears_in_onednn`), instead of MKL's sgemm, which packs the
+           weight on every call: decode steps stream all weights once per step; the run's default where
+           `generation.onednn_linears_pay` says "all" (plain here keeps MKL for every Linear on every CPU);
+  onednn_head - the same for the LM head alone (a fifth of a step's FLOPs, its widest matmul): the default
+           where `onednn_linears_pay` says "head".
 Prints answer tokens/s per try and how many answers equal the first plain try's. SmolLM2-135M, fp32:
 
     python benchmarks/bench_decode_variants.py --n 128 --repeats 2
@@ -32,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))  # run from a checkout without installing
 
 from oloraplus.data import load_records, prompt_ids, split_indices  # noqa: E402
-from oloraplus.generation import greedy_decode, onednn_forward  # noqa: E402
+from oloraplus.generation import greedy_decode  # noqa: E402
 from oloraplus.models import load_base  # noqa: E402
 from oloraplus.precision import lean_process  # noqa: E402
 
@@ -63,15 +64,6 @@ def fuse_projections(model: torch.nn.Module) -> list[torch.nn.Linear]:
                 m.forward = _slice_of(shared, stacked, start, end, len(members))
                 replaced.append(m)
                 start = end
-    return replaced
-
-
-def onednn_linears(model: torch.nn.Module) -> list[torch.nn.Linear]:
-    """Every Linear's forward becomes `generation.onednn_forward` (a tied LM head gets its own weight copy).
-    Returns the Linears whose forward was replaced (`del linear.forward` restores it)."""
-    replaced = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    for m in replaced:
-        m.forward = onednn_forward(m)
     return replaced
 
 
@@ -108,8 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     reference = None
     for attempt in range(args.repeats):
         for variant in args.variants.split(","):
-            change = {"fused": fuse_projections, "onednn": onednn_linears}.get(variant)
-            replaced = change(model) if change else []
+            replaced = fuse_projections(model) if variant == "fused" else []
             model.set_attn_implementation("eager" if variant == "eager" else "sdpa")
             t0 = time.perf_counter()
             with torch.no_grad():
@@ -120,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                     tok.eos_token_id,
                     tok.pad_token_id,
                     args.batch_size,
-                    onednn_head=variant == "onednn_head",  # plain: MKL's head, whatever this CPU's default
+                    onednn={"onednn": "all", "onednn_head": "head"}.get(variant, "none"),  # else MKL, whatever the CPU
                 )
             seconds = time.perf_counter() - t0
             for m in replaced:

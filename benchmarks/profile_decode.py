@@ -12,6 +12,7 @@ the data first, as a run answers them:
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -32,6 +33,17 @@ DEFAULT_DATA = os.environ.get("OLORAPLUS_DATA") or str(
     REPO.parent / "shared" / "data" / "alpaca" / "alpaca_sample.json"
 )
 MATMULS = ("aten::mm", "aten::addmm", "aten::bmm")
+PACKED_LINEAR = "mkldnn::_linear_pointwise"  # generation.linears_in_onednn: the profiler counts no FLOPs for it
+
+
+def packed_linear_flops(prof) -> float:
+    """FLOPs of the oneDNN Linears, from their recorded shapes: input [..., in], packed weight [out, in]."""
+    flops = 0.0
+    for e in prof.key_averages(group_by_input_shape=True):
+        if e.key == PACKED_LINEAR:
+            x, w = e.input_shapes[0], e.input_shapes[1]
+            flops += 2 * e.count * math.prod(x) * w[0]
+    return flops
 
 
 def main() -> None:
@@ -49,15 +61,18 @@ def main() -> None:
     if a.bf16:
         store_frozen_weights_bf16(model)
     prompts = sorted((prompt_ids(tok, r) for r in load_records(a.data)[: a.n]), key=lambda q: -len(q))
-    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof, autocast_context(model, a.bf16):
+    with (
+        profile(activities=[ProfilerActivity.CPU], with_flops=True, record_shapes=True) as prof,
+        autocast_context(model, a.bf16),
+    ):
         start = time.perf_counter()
         answers = greedy_decode(model, prompts, a.max_new_tokens, tok.eos_token_id, tok.pad_token_id, a.batch_size)
         seconds = time.perf_counter() - start
     tokens = sum(len(x) for x in answers)
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events) / 1e6
-    mm = [e for e in events if e.key in MATMULS]
-    mm_s, mm_flops = sum(e.self_cpu_time_total for e in mm) / 1e6, sum(e.flops for e in mm)
+    mm = [e for e in events if e.key in MATMULS or e.key == PACKED_LINEAR]
+    mm_s, mm_flops = sum(e.self_cpu_time_total for e in mm) / 1e6, sum(e.flops for e in mm) + packed_linear_flops(prof)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load {os.getloadavg()[0]:.2f}")
     print(
         f"{a.n} prompts, {tokens} answer tokens in {seconds:.1f} s under the profiler: {tokens / seconds:.1f} tokens/s"

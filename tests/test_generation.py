@@ -29,46 +29,62 @@ def test_greedy_decode_equals_generate_also_when_rows_finish_early():
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="a torch build without oneDNN")
-def test_lm_head_in_onednn_gives_generates_tokens_and_is_put_back(monkeypatch):
-    """Forced on (whatever this CPU's rule): the head runs through oneDNN, the answers are generate's, the
-    module's own forward returns afterwards; bf16 weights keep it off."""
+@pytest.mark.parametrize("which", ["head", "all"])
+def test_linears_in_onednn_give_generates_tokens_and_are_put_back(monkeypatch, which):
+    """Forced on (whatever this CPU's rule): the Linears run through oneDNN, the answers are generate's, and each
+    module gets its own forward and the very same weight back (dropped while answering); bf16 keeps it off."""
     model = build_tiny_llama(97, seed=3).eval()
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    weights = [m.weight.detach().clone() for m in linears]
     prompts = [t["input_ids"] for t in _features([7, 4, 9, 5], seed=1)]
     calls = []
     made = generation.onednn_forward
 
     def counted(linear):
         forward = made(linear)
-        return lambda x: calls.append(x.shape) or forward(x)
+        counted_forward = lambda x: calls.append(linear) or forward(x)  # noqa: E731
+        counted_forward.packed = forward.packed
+        return counted_forward
 
     monkeypatch.setattr(generation, "onednn_forward", counted)
-    eos = greedy_decode(model, prompts, 8, eos_token_id=-1, pad_token_id=2, onednn_head=False)[0][2]
+    eos = greedy_decode(model, prompts, 8, eos_token_id=-1, pad_token_id=2, onednn="none")[0][2]
     assert calls == []
-    ours = greedy_decode(model, prompts, 8, eos_token_id=eos, pad_token_id=2, batch_size=2, onednn_head=True)
-    assert len(calls) > 8 and "forward" not in vars(model.get_output_embeddings())
+    ours = greedy_decode(model, prompts, 8, eos_token_id=eos, pad_token_id=2, batch_size=2, onednn=which)
+    head = model.get_output_embeddings()
+    assert {id(m) for m in calls} == ({id(head)} if which == "head" else {id(m) for m in linears})
+    assert all("forward" not in vars(m) for m in linears)
+    assert all(torch.equal(m.weight, w) for m, w in zip(linears, weights))
     assert ours == [_generate_one(model, p, 8, eos) for p in prompts]
     calls.clear()
     model.to(torch.bfloat16)
-    greedy_decode(model, prompts[:1], 2, eos_token_id=-1, pad_token_id=2, onednn_head=True)
+    greedy_decode(model, prompts[:1], 2, eos_token_id=-1, pad_token_id=2, onednn=which)
     assert calls == []
 
 
-def test_the_onednn_head_is_the_default_only_on_the_cpu_it_was_measured_faster_on(monkeypatch):
-    """Zen 4 (bench_decode_variants.py: 1.14x at 128 prompts, the same answers); unmeasured CPUs keep MKL."""
-    for family, flags, chosen in (
-        ("25", "avx2 avx512f avx512_bf16", True),  # Zen 4
-        ("25", "avx2 fma", False),  # Zen 3
-        ("26", "avx2 avx512f avx512_bf16", False),  # Zen 5
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="a torch build without oneDNN")
+def test_linears_in_onednn_drop_dense_weights_while_answering_but_keep_a_tied_heads():
+    """Memory stays flat: each untied Linear answers from its packed copy alone; the embedding keeps its table."""
+    model = build_tiny_llama(97, seed=3).eval()
+    model.lm_head.weight = model.model.embed_tokens.weight  # tied, as SmolLM2's
+    before = model.model.embed_tokens.weight.detach().clone()
+    with generation.linears_in_onednn(model, "all"):
+        assert model.model.layers[0].mlp.up_proj.weight.numel() == 0
+        assert torch.equal(model.lm_head.weight, before) and torch.equal(model.model.embed_tokens.weight, before)
+    assert model.model.layers[0].mlp.up_proj.weight.numel() > 0
+
+
+def test_onednn_is_the_default_only_on_the_cpus_it_was_measured_faster_on(monkeypatch):
+    """Zen 3: every Linear, Zen 4: the LM head (bench_decode_variants.py, the same answers); others keep MKL."""
+    for vendor, family, flags, chosen in (
+        ("AuthenticAMD", "25", "avx2 avx512f avx512_bf16", "head"),  # Zen 4
+        ("AuthenticAMD", "25", "avx2 fma", "all"),  # Zen 3
+        ("AuthenticAMD", "26", "avx2 avx512f avx512_bf16", None),  # Zen 5
+        ("GenuineIntel", "6", "avx512f avx512_bf16 amx_bf16", None),  # Sapphire Rapids
+        ("GenuineIntel", "6", "avx2 fma", None),  # an AVX2-only Intel CPU
     ):
-        info = {"vendor_id": "AuthenticAMD", "cpu family": family, "flags": flags}
+        info = {"vendor_id": vendor, "cpu family": family, "flags": flags}
         monkeypatch.setattr(generation, "cpu_info", lambda info=info: info)
-        assert generation.onednn_head_pays() is chosen, (family, flags)
-    monkeypatch.setattr(
-        generation,
-        "cpu_info",
-        lambda: {"vendor_id": "GenuineIntel", "cpu family": "6", "flags": "avx512f avx512_bf16 amx_bf16"},
-    )
-    assert generation.onednn_head_pays() is False
+        assert generation.onednn_linears_pay() == chosen, (vendor, family, flags)
 
 
 def _generate_one(model, prompt, max_new_tokens, eos):

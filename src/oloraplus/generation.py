@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -92,53 +93,85 @@ class ReservedLayer(DynamicLayer):
         self._hold(keys, values, width)
 
 
-def onednn_head_pays() -> bool:
-    """Whether this CPU answers faster with the LM head in oneDNN: only where measured, AMD Zen 4 (family 25 with
-    AVX-512; Zen 3 is family 25 without it).
+# The batch size oneDNN packs a weight's layout for (the eval batch): on Zen 3 a packed weight ran decode-sized
+# matmuls as fast whether packed for 64 or 256 rows, and outputs are the same bits from 17 rows up.
+PACK_ROWS = 64
 
-    SmolLM2-135M, fp32, Zen 4 (benchmarks/bench_decode_variants.py): 128 prompts x 128 tokens 193.6 -> 220.7
-    answer tokens/s (two tries each), 500 prompts 224.6 -> 231.7 (one try); every answer identical. MKL's sgemm
-    packs the 49,152 x 576 head weight on every call, the oneDNN copy is reordered once. On Zen 5 the decode
-    matmuls already ran at the fp32 peak; AVX2-only and AMX CPUs are unmeasured: MKL stays there.
+
+def onednn_linears_pay() -> str | None:
+    """Which Linears answer faster through oneDNN on this CPU: "all", "head", or None (MKL's sgemm for all).
+
+    Only where measured, two AMD CPUs of family 25 (benchmarks/bench_decode_variants.py, every answer identical):
+    - Zen 3 (no AVX-512): "all". MKL's sgemm packs the weight on every call: the LM head at 64-256 rows ran at
+      56-60 GFLOP/s there, 84-117 in oneDNN on a weight packed once (benchmarks/bench_decode_matmuls.py); the
+      base model's answers to 500 test prompts x 128 tokens: 121.6 -> 147.5 answer tokens/s, 500/500 identical.
+    - Zen 4 (AVX-512): "head", the 576 x 49,152 LM head alone: 193.6 -> 220.7 answer tokens/s at 128 prompts,
+      224.6 -> 231.7 at 500; every Linear in oneDNN was no faster than the head alone there.
+    On Zen 5 the decode matmuls already ran at the fp32 peak; other CPUs are unmeasured: MKL stays there.
     """
     info = cpu_info()
-    flags = set(info.get("flags", "").split())
-    return info.get("vendor_id") == "AuthenticAMD" and info.get("cpu family") == "25" and "avx512f" in flags
+    if info.get("vendor_id") != "AuthenticAMD" or info.get("cpu family") != "25":
+        return None
+    return "head" if "avx512f" in info.get("flags", "").split() else "all"
 
 
 def onednn_forward(linear: torch.nn.Linear) -> Callable[[torch.Tensor], torch.Tensor]:
-    """`linear`'s forward as oneDNN's inner product on a copy of its weight in oneDNN's layout
-    (torch.utils.mkldnn's way)."""
-    weight, bias = linear.weight.detach().to_mkldnn(), linear.bias
+    """`linear`'s forward as oneDNN's inner product on a copy of its weight packed once into oneDNN's layout
+    (what torch.compile's CPU backend does with frozen weights)."""
+    weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), PACK_ROWS)
+    bias = linear.bias
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        out = torch._C._nn.mkldnn_linear(x.reshape(-1, x.shape[-1]).contiguous().to_mkldnn(), weight, bias).to_dense()
+        out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
+    forward.packed = weight  # the weight comes back from it exactly (a reorder moves values, computes none)
     return forward
 
 
 @contextmanager
-def head_in_onednn(model: PreTrainedModel, wanted: bool | None = None) -> Iterator[None]:
-    """While answering, the LM head runs `onednn_forward` (`wanted` None: where `onednn_head_pays`), in fp32
-    on a CPU only. The copy of the head weight (113 MB for SmolLM2) lives as long as the answers."""
+def linears_in_onednn(model: PreTrainedModel, which: str | None = None) -> Iterator[None]:
+    """While answering, the Linears `which` names ("all", "head", "none"; None: `onednn_linears_pay`) run
+    `onednn_forward`, in fp32 on a CPU only.
+
+    A Linear's dense weight is dropped while its packed copy answers and comes back from it after,
+    so memory stays flat; a weight the embedding shares (a tied LM head: 113 MB for SmolLM2) is kept.
+    """
+    which = onednn_linears_pay() if which is None else which
     head = model.get_output_embeddings()
     fits = (
-        torch.backends.mkldnn.is_available()
+        which in ("all", "head")
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
         and isinstance(head, torch.nn.Linear)
-        and "forward" not in vars(head)
         and head.weight.device.type == "cpu"
         and head.weight.dtype == torch.float32
         and not torch.is_autocast_enabled("cpu")
     )
-    if not (fits and (onednn_head_pays() if wanted is None else wanted)):
+    if not fits:
         yield
         return
-    head.forward = onednn_forward(head)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)] if which == "all" else [head]
+    linears = [m for m in linears if "forward" not in vars(m) and m.weight.dtype == torch.float32]
+    # a weight that another module also reads stays: the embedding's, or one Linear's that another shares
+    owners = Counter(
+        m.weight.data_ptr() for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))
+    )
+    shared = {ptr for ptr, n in owners.items() if n > 1}
+    dropped = []
     try:
+        for linear in linears:
+            linear.forward = onednn_forward(linear)
+            if linear.weight.data_ptr() not in shared:
+                linear.weight.data = linear.weight.data.new_empty(0)
+                dropped.append(linear)
         yield
     finally:
-        del head.forward
+        for linear in linears:
+            if "forward" in vars(linear):
+                if linear in dropped:
+                    linear.weight.data = linear.forward.packed.to_dense()
+                del linear.forward
 
 
 def reserved_cache(model: PreTrainedModel, room: int) -> DynamicCache:
@@ -210,7 +243,7 @@ def greedy_decode(
     pad_token_id: int,
     batch_size: int | None = None,
     on_finished: Callable[[int], None] | None = None,
-    onednn_head: bool | None = None,
+    onednn: str | None = None,
 ) -> list[list[int]]:
     """Greedy continuations of `prompts` (EOS included where emitted), `batch_size` rows at a time.
 
@@ -222,9 +255,9 @@ def greedy_decode(
     running width; padding no row needs is trimmed as rows leave. As the waiting prompts
     get shorter the batch takes more rows than `batch_size` (up to MAX_ROWS_FACTOR times),
     as many as keep its cache within the positions of `batch_size` rows of the longest prompt.
-    `onednn_head`: the LM head in oneDNN (`head_in_onednn`; None: where it measured faster).
+    `onednn`: which Linears answer through oneDNN (`linears_in_onednn`; None: where it measured faster).
     """
-    with head_in_onednn(model, onednn_head):
+    with linears_in_onednn(model, onednn):
         return _decode(model, prompts, max_new_tokens, eos_token_id, pad_token_id, batch_size, on_finished)
 
 
