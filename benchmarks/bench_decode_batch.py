@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO / "src"))  # run from a checkout without installing
 from oloraplus import generation  # noqa: E402
 from oloraplus.data import load_records, split_indices  # noqa: E402
 from oloraplus.models import load_base  # noqa: E402
+from oloraplus.prepare import load_tuned  # noqa: E402
 
 DEFAULT_DATA = os.environ.get("OLORAPLUS_DATA") or str(
     REPO.parent / "shared" / "data" / "alpaca" / "alpaca_sample.json"
@@ -60,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--before_batch_size", type=int, default=32)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--data", default=DEFAULT_DATA)
+    p.add_argument("--run", help="a run folder: answer with its base + merged adapter, as the run did [the base model]")
+    p.add_argument("--repeats", type=int, default=1, help="tries of every side, interleaved [1]")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -67,13 +70,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{cpu}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}")
     records = load_records(args.data)
     test = [records[i] for i in split_indices(len(records), 0, args.n, 0.0, 42, args.data).test]
-    model, tok = load_base("smollm2-135m")
+    model, tok = load_tuned(args.run)[:2] if args.run else load_base("smollm2-135m")
     before = decoder_of(args.before_rev)
     generation.generate_answers(model, tok, test[:2], 4, 2)  # warm-up
     sides = [("before", before, args.before_batch_size)]
     sides += [("ours", generation, int(b)) for b in args.batch_sizes.split(",")]
     reference = None
-    for name, module, batch in sides:
+    for name, module, batch in sides * args.repeats:
         t0 = time.perf_counter()
         answers, tokens = module.generate_answers(model, tok, test, args.max_new_tokens, batch)
         seconds = time.perf_counter() - t0

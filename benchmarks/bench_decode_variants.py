@@ -14,7 +14,8 @@ than as an effect:
            `generation.onednn_linears_pay` says "all" (plain here keeps MKL for every Linear on every CPU);
   onednn_head - the same for the LM head alone (a fifth of a step's FLOPs, its widest matmul): the default
            where `onednn_linears_pay` says "head".
-Prints answer tokens/s per try and how many answers equal the first plain try's. SmolLM2-135M, fp32:
+Prints answer tokens/s per try and how many answers equal the first plain try's. SmolLM2-135M, fp32 (`--run RUN`:
+the run's model, whose answers are those a run times, shorter than the base model's):
 
     python benchmarks/bench_decode_variants.py --n 128 --repeats 2
 """
@@ -36,6 +37,7 @@ from oloraplus.data import load_records, prompt_ids, split_indices  # noqa: E402
 from oloraplus.generation import greedy_decode  # noqa: E402
 from oloraplus.models import load_base  # noqa: E402
 from oloraplus.precision import lean_process  # noqa: E402
+from oloraplus.prepare import load_tuned  # noqa: E402
 
 DEFAULT_DATA = os.environ.get("OLORAPLUS_DATA") or str(
     REPO.parent / "shared" / "data" / "alpaca" / "alpaca_sample.json"
@@ -88,12 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=2, help="tries of each variant, interleaved [2]")
     p.add_argument("--variants", default="plain,fused,eager,onednn,onednn_head", help="which, in order [all]")
     p.add_argument("--data", default=DEFAULT_DATA)
+    p.add_argument("--run", help="a run folder: answer with its base + merged adapter, as the run did [the base model]")
     args = p.parse_args(argv)
     lean_process()
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     print(f"{cpu}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}")
     records = load_records(args.data)
-    model, tok = load_base("smollm2-135m")
+    model, tok = load_tuned(args.run)[:2] if args.run else load_base("smollm2-135m")
     model.eval().requires_grad_(False)
     test = [records[i] for i in split_indices(len(records), 0, args.n, 0.0, 42, args.data).test]
     prompts = sorted((prompt_ids(tok, r) for r in test), key=lambda q: -len(q))  # as a run orders them
