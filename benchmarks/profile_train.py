@@ -2,7 +2,9 @@
 
 Why: a speed goal needs to know which ops hold the time before anything is changed (matmuls,
 attention, casts, element-wise ops). Steps 1-3 are left out (allocation and first-call set-up);
-the process exits after step 12. Extra arguments go to `oloraplus train`, for example the precision:
+the process exits after step 12. After the table, the matmuls' time and GFLOP/s by kind: the frozen base's
+projections, the adapters' (a rank-sized dimension: small, so far from the peak), the LM head. Extra arguments
+go to `oloraplus train`, for example the precision:
 
     python benchmarks/profile_train.py --precision bf16
 """
@@ -28,6 +30,27 @@ DEFAULT_DATA = os.environ.get("OLORAPLUS_DATA") or str(
 FIRST, LAST, ROWS = 4, 12, 40
 
 
+def matmul_kind(shapes: list[list[int]]) -> str:
+    dims = [d for shape in shapes[:2] for d in shape]
+    if max(dims) >= 32768:
+        return "LM head"
+    return "adapters (a dim <= 64)" if min(dims) <= 64 else "base projections"
+
+
+def print_matmuls_by_kind(profiler) -> None:
+    """aten::mm's self time and rate per kind, from the recorded [M, K] x [K, N] shapes."""
+    kinds: dict[str, list[float]] = {}
+    for event in profiler.key_averages(group_by_input_shape=True):
+        shapes = event.input_shapes
+        if event.key != "aten::mm" or len(shapes) < 2 or len(shapes[0]) != 2 or len(shapes[1]) != 2:
+            continue
+        total = kinds.setdefault(matmul_kind(shapes), [0.0, 0.0])  # self seconds, FLOPs
+        total[0] += event.self_cpu_time_total / 1e6
+        total[1] += 2 * shapes[0][0] * shapes[0][1] * shapes[1][1] * event.count
+    for kind, (seconds, flops) in sorted(kinds.items(), key=lambda kv: -kv[1][0]):
+        print(f"mm, {kind}: {seconds:.2f} s self CPU, {flops / seconds / 1e9:.1f} GFLOP/s")
+
+
 def profiled_training_step():
     original = train.OLoRAPlusTrainer.training_step
     state = {"step": 0}
@@ -35,13 +58,17 @@ def profiled_training_step():
     def step(self, model, inputs, num_items_in_batch=None):
         state["step"] += 1
         if state["step"] == FIRST:
-            state["t0"], state["profiler"] = time.perf_counter(), profile(activities=[ProfilerActivity.CPU])
+            state["t0"], state["profiler"] = (
+                time.perf_counter(),
+                profile(activities=[ProfilerActivity.CPU], record_shapes=True),
+            )
             state["profiler"].__enter__()
         out = original(self, model, inputs, num_items_in_batch)
         if state["step"] == LAST:
             state["profiler"].__exit__(None, None, None)
             print(f"steps {FIRST}-{LAST}: {time.perf_counter() - state['t0']:.1f} s, load {os.getloadavg()[0]:.2f}")
             print(state["profiler"].key_averages().table(sort_by="self_cpu_time_total", row_limit=ROWS), flush=True)
+            print_matmuls_by_kind(state["profiler"])
             os._exit(0)
         return out
 
