@@ -93,19 +93,22 @@ def test_the_dequantized_cache_follows_the_files_content_not_its_path_or_mtime(t
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
 def test_loaded_weights_own_their_memory_not_the_files_and_stay_tied(tiny_model_dir, tmp_path):
     """from_pretrained leaves weights as views of the mapped safetensors file, where freeing one frees nothing."""
+    import shutil
+
     import torch
     from conftest import build_tiny_llama
     from transformers import AutoTokenizer
 
     mapped = lambda folder: [line for line in open("/proc/self/maps") if str(folder) in line]  # noqa: E731
-    model, _ = models.load_base(str(tiny_model_dir))
-    assert mapped(tiny_model_dir) == []
+    untied = shutil.copytree(tiny_model_dir, tmp_path / "untied")  # its own files: no other test maps them
+    model, _ = models.load_base(str(untied))
+    assert mapped(untied) == []
     tied = build_tiny_llama(97)
     tied.lm_head.weight = tied.model.embed_tokens.weight
     tied.config.tie_word_embeddings = True
-    tied.save_pretrained(tmp_path)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path)
-    model, _ = models.load_base(str(tmp_path))
-    assert mapped(tmp_path) == []
+    tied.save_pretrained(tmp_path / "tied")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "tied")
+    model, _ = models.load_base(str(tmp_path / "tied"))
+    assert mapped(tmp_path / "tied") == []
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert torch.equal(model.lm_head.weight, tied.lm_head.weight)
