@@ -31,6 +31,7 @@ from oloraplus.distributed import ALONE, Ranks
 from oloraplus.errors import OLoRAPlusError
 from oloraplus.evaluate import corpus_loss, evaluate_model, example_losses, ready_to_evaluate
 from oloraplus.fsutil import atomic_write_json, atomic_write_jsonl, atomic_write_text
+from oloraplus.fused_lora import use_fused_lora
 from oloraplus.loss import batch_token_losses
 from oloraplus.models import load_base
 from oloraplus.optim import loraplus_optimizer
@@ -297,6 +298,7 @@ def train_adapter(prep: PreparedRun, out: Path, resume: Path | None = None) -> T
     packing = cfg.train.packing and can_pack(model, cfg.data.max_length)  # else padded batches, as before
     if packing:
         use_packed_attention(model)
+    use_fused_lora(model)  # plain fp32 LoRA on a CPU as one op per layer; PEFT's forward for everything else
     trainer = OLoRAPlusTrainer(
         model=model,
         args=training_arguments(cfg, prep, out),

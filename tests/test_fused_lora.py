@@ -1,0 +1,90 @@
+"""The fused LoRA Linear gives PEFT's outputs and gradients, and hands every case it does not cover to PEFT."""
+
+import copy
+
+import pytest
+import torch
+from conftest import build_tiny_llama
+from peft import LoraConfig, get_peft_model
+
+from oloraplus.adapters import attach_adapter, lora_layers
+from oloraplus.fused_lora import FusedLoraLinear, _LoRAProduct, use_fused_lora
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _adapted(alpha: float, dropout: float = 0.0):
+    torch.manual_seed(0)
+    model = attach_adapter(build_tiny_llama(300), "olora", 8, alpha, dropout, TARGETS)
+    for _, layer in lora_layers(model):  # B away from its init, so every gradient path carries signal
+        layer.lora_B["default"].weight.data.add_(0.05 * torch.randn_like(layer.lora_B["default"].weight))
+    return model
+
+
+def _loss_and_grads(model, ids):
+    model.zero_grad()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("alpha", [8.0, 16.0])  # scaling 1 (the forward is the same bits as PEFT's) and 2
+def test_fused_equals_peft_outputs_and_gradients(alpha):
+    peft_model = _adapted(alpha)
+    fused = copy.deepcopy(peft_model)
+    assert use_fused_lora(fused) == len(TARGETS) * fused.config.num_hidden_layers
+    calls = []
+    forward = _LoRAProduct.forward
+    _LoRAProduct.forward = staticmethod(lambda *a: calls.append(1) or forward(*a))
+    try:
+        ids = torch.randint(0, 300, (2, 24))
+        loss_p, grads_p = _loss_and_grads(peft_model, ids)
+        loss_f, grads_f = _loss_and_grads(fused, ids)
+    finally:
+        _LoRAProduct.forward = forward
+    assert len(calls) == len(TARGETS) * fused.config.num_hidden_layers  # every layer took the fused path
+    assert grads_p.keys() == grads_f.keys() and len(grads_f) == 2 * len(calls)
+    if alpha == 8.0:
+        assert torch.equal(loss_f, loss_p)
+    torch.testing.assert_close(loss_f, loss_p, rtol=1e-6, atol=0)
+    # gradients: fp32 rounding apart (the input gradient's terms are summed in another order): ~3e-7 of each
+    # tensor's largest entry seen; a wrong term (a missing scaling, a transposed factor) is off by its whole size
+    for name in grads_p:
+        gap = (grads_f[name] - grads_p[name]).abs().max() / grads_p[name].abs().max()
+        assert gap < 1e-5, (name, float(gap))
+
+
+def test_fused_hands_other_cases_to_peft():
+    model = _adapted(8.0, dropout=0.1)  # dropout: PEFT's forward
+    use_fused_lora(model)
+    layer = next(m for m in model.modules() if isinstance(m, FusedLoraLinear))
+    x = torch.randn(3, layer.in_features)
+    assert layer._fusable_adapter(x) is None
+    layer.lora_dropout["default"] = torch.nn.Identity()
+    assert layer._fusable_adapter(x) == "default"
+    assert layer._fusable_adapter(x.double()) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer._fusable_adapter(x) is None
+    with model.disable_adapter():
+        assert layer._fusable_adapter(x) is None
+    layer.merge()
+    assert layer._fusable_adapter(x) is None
+    layer.unmerge()
+    layer.base_layer.weight.requires_grad_(True)  # a base that trains needs its own gradient: PEFT's path
+    assert layer._fusable_adapter(x) is None
+
+
+def test_fused_model_saves_and_copies_like_peft(tmp_path):
+    plain = get_peft_model(build_tiny_llama(300), LoraConfig(r=4, target_modules=TARGETS))
+    fused = copy.deepcopy(plain)
+    use_fused_lora(fused)
+    assert fused.state_dict().keys() == plain.state_dict().keys()
+    twin = copy.deepcopy(fused)  # the copy's layers compute with the copy's weights
+    layer = next(m for m in twin.modules() if isinstance(m, FusedLoraLinear))
+    layer.lora_B["default"].weight.data.fill_(1.0)
+    x = torch.randn(2, layer.in_features)
+    original = next(m for m in fused.modules() if isinstance(m, FusedLoraLinear))
+    assert not torch.equal(layer(x), original(x))
+    fused.save_pretrained(tmp_path)
+    assert (tmp_path / "adapter_model.safetensors").is_file()
