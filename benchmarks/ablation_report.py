@@ -25,6 +25,8 @@ PIPELINES = (
     "random-nodropout",
     "random-nodropout-bf16",
     "random-nodropout-bf16train",
+    "random-nodropout-peft",
+    "random-nodropout-fused",
 )
 PAIRS = (
     ("grouped-dropout", "random-dropout"),
@@ -32,6 +34,7 @@ PAIRS = (
     ("grouped-dropout", "random-nodropout"),
     ("random-nodropout", "random-nodropout-bf16"),
     ("random-nodropout", "random-nodropout-bf16train"),
+    ("random-nodropout-peft", "random-nodropout-fused"),
 )
 ROUGE = ("rouge1", "rouge2", "rougeL")
 # a pipeline that is another one's runs scored again: `oloraplus evaluate RUN --eval_precision fp32 --eval_dir

@@ -137,6 +137,11 @@ class TrainConfig:
         "lay each batch's examples end to end with attention kept inside each example: no padding, same gradient",
         default=True,
     )
+    fused_lora: bool = _help(
+        "train PEFT's plain LoRA layers as one op each (fp32 on a CPU): the same forward, gradients within float "
+        "rounding, fewer passes over memory; off: PEFT's own forward",
+        default=True,
+    )
     micro_batch_tokens: int = _help(
         "most tokens in one forward/backward: a longer packed batch is trained as several packs of whole "
         "examples (same gradient, bounded activation memory; 0 = the whole batch at once)",
@@ -199,6 +204,7 @@ class RunConfig:
 SCHEDULE_ONLY = (
     ("eval", "eval_batch_size"),
     ("train", "micro_batch_tokens"),
+    ("train", "fused_lora"),
     ("train", "max_memory_gb"),
     ("train", "checkpoint_every"),
     ("train", "report_to"),

@@ -298,7 +298,8 @@ def train_adapter(prep: PreparedRun, out: Path, resume: Path | None = None) -> T
     packing = cfg.train.packing and can_pack(model, cfg.data.max_length)  # else padded batches, as before
     if packing:
         use_packed_attention(model)
-    use_fused_lora(model)  # plain fp32 LoRA on a CPU as one op per layer; PEFT's forward for everything else
+    if cfg.train.fused_lora:
+        use_fused_lora(model)  # plain fp32 LoRA on a CPU as one op per layer; PEFT's forward for everything else
     trainer = OLoRAPlusTrainer(
         model=model,
         args=training_arguments(cfg, prep, out),
