@@ -7,13 +7,10 @@
 #   random-nodropout : random order, packed, dropout 0
 #   random-nodropout-bf16 : the same in bf16 autocast (a CPU with native bf16 or a GPU): is bf16 neutral?
 #   random-nodropout-bf16train : trained in bf16, test loss and answers in fp32 (auto's choice on an AVX512_BF16 CPU)
-#   random-nodropout-peft / -fused : fp32, PEFT's LoRA layers or fused_lora's (the default since 570d180):
-#                                    does the gradients' float rounding move what the model learns?
 # Each pipeline is a resumable study folder; seeds run outer, pipelines inner, so a sitting
 # that stops part-way holds whole seeds. Then benchmarks/ablation_report.py compares them.
 #   SEEDS=0,1,2 NAMES=grouped-dropout,random-dropout,random-nodropout N_TRAIN=1000 N_TEST=200 bash benchmarks/ablation_order_dropout.sh
 #   NAMES=random-nodropout,random-nodropout-bf16,random-nodropout-bf16train OUT=docs/results/ablation-precision bash benchmarks/ablation_order_dropout.sh
-#   NAMES=random-nodropout-peft,random-nodropout-fused N_TRAIN=500 N_TEST=100 NEW_TOKENS=64 OUT=docs/results/ablation-fused-lora bash benchmarks/ablation_order_dropout.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
@@ -29,8 +26,6 @@ declare -A flags=(
   [random-nodropout]="--group_by_length false --packing true --dropout 0 --precision fp32"
   [random-nodropout-bf16]="--group_by_length false --packing true --dropout 0 --precision bf16 --eval_precision bf16"
   [random-nodropout-bf16train]="--group_by_length false --packing true --dropout 0 --precision bf16 --eval_precision fp32"
-  [random-nodropout-peft]="--group_by_length false --packing true --dropout 0 --precision fp32 --fused_lora false"
-  [random-nodropout-fused]="--group_by_length false --packing true --dropout 0 --precision fp32 --fused_lora true"
 )
 for seed in ${SEEDS//,/ }; do
   for name in ${NAMES//,/ }; do

@@ -25,8 +25,6 @@ PIPELINES = (
     "random-nodropout",
     "random-nodropout-bf16",
     "random-nodropout-bf16train",
-    "random-nodropout-peft",
-    "random-nodropout-fused",
 )
 PAIRS = (
     ("grouped-dropout", "random-dropout"),
@@ -34,7 +32,6 @@ PAIRS = (
     ("grouped-dropout", "random-nodropout"),
     ("random-nodropout", "random-nodropout-bf16"),
     ("random-nodropout", "random-nodropout-bf16train"),
-    ("random-nodropout-peft", "random-nodropout-fused"),
 )
 ROUGE = ("rouge1", "rouge2", "rougeL")
 # a pipeline that is another one's runs scored again: `oloraplus evaluate RUN --eval_precision fp32 --eval_dir

@@ -3,9 +3,9 @@
 Why: fused_lora.py replaces PEFT's plain fp32 LoRA forward and backward with one op per layer, to cut the
 passes over each layer's [tokens x out] output that the adapter adds. This times forward + backward of
 SmolLM2-135M with an OLoRA adapter (r 16, alpha 16, every projection) on packed batches of real Alpaca
-examples, as `oloraplus train` builds them, switching the layers between PEFT's and the fused class
-every round, and prints real tokens/s of each, their ratio, and how far the fused loss and gradients are
-from PEFT's:
+examples, as `oloraplus train` builds them, each batch once with PEFT's layers and once with the fused
+class, back to back, and prints the packed tokens/s of each (a shared prompt prefix counted once), their ratio,
+and whether the fused loss and gradients are PEFT's bits:
 
     python benchmarks/bench_fused_lora.py --n_train 64 --rounds 3
 """
@@ -59,7 +59,7 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--max_length", type=int, default=512)
-    p.add_argument("--rounds", type=int, default=3, help="rounds; each times every batch once per variant [3]")
+    p.add_argument("--rounds", type=int, default=3, help="rounds; each runs every batch once each way [3]")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     lean_process()
@@ -79,7 +79,7 @@ def main() -> None:
     collate = PackCollator()
     batches = [collate(examples[i : i + a.batch_size]) for i in range(0, len(examples), a.batch_size)]
     labelled = [int((b["labels"] != -100).sum()) for b in batches]
-    real = sum(int(b["input_ids"].numel()) for b in batches)
+    packed = sum(int(b["input_ids"].numel()) for b in batches)
     model.train()
 
     # the same first batch both ways: the fused loss and gradients against PEFT's
@@ -89,28 +89,34 @@ def main() -> None:
         loss, grads = step(model, batches[0], labelled[0])
         results[name] = (loss, {k: g.clone() for k, g in grads.items()})
     (loss_p, grads_p), (loss_f, grads_f) = results["peft"], results["fused"]
+    same = sum(torch.equal(grads_f[k], grads_p[k]) for k in grads_p)
     gap = max(float((grads_f[k] - grads_p[k]).abs().max() / grads_p[k].abs().max()) for k in grads_p)
     print(
-        f"{len(examples)} examples, {len(batches)} packed batches of {a.batch_size}, {real:,} tokens a round; "
+        f"{len(examples)} examples, {len(batches)} packed batches of {a.batch_size}, {packed:,} tokens a round; "
         f"first batch: loss peft {loss_p.item():.10f}, fused {loss_f.item():.10f} "
         f"({'the same bits' if torch.equal(loss_p, loss_f) else 'differ'}); "
-        f"largest gradient gap {gap:.1e} of a tensor's largest entry"
+        f"gradients: {same} of {len(grads_p)} the same bits, largest gap {gap:.1e} of a tensor's largest entry"
     )
     del results, grads_p, grads_f
 
+    # each batch runs both ways back to back, who goes first alternating: the host's speed drifts by more
+    # than the gap over a round (seen on Zen 3), much less over one batch
     rates: dict[str, list[float]] = {name: [] for name in VARIANTS}
     for r in range(a.rounds):
-        order = list(VARIANTS) if r % 2 == 0 else list(reversed(VARIANTS))  # neither always goes first
-        for name in order:
-            use_fused_lora(model, VARIANTS[name])
-            t0 = time.perf_counter()
-            for batch, tokens in zip(batches, labelled):
+        seconds = dict.fromkeys(VARIANTS, 0.0)
+        for k, (batch, tokens) in enumerate(zip(batches, labelled)):
+            order = list(VARIANTS) if (r + k) % 2 == 0 else list(reversed(VARIANTS))
+            for name in order:
+                use_fused_lora(model, VARIANTS[name])
+                t0 = time.perf_counter()
                 step(model, batch, tokens)
-            rates[name].append(real / (time.perf_counter() - t0))
-        print(f"round {r + 1}: " + ", ".join(f"{n} {rates[n][-1]:.1f}" for n in VARIANTS) + " real tokens/s")
+                seconds[name] += time.perf_counter() - t0
+        for name in VARIANTS:
+            rates[name].append(packed / seconds[name])
+        print(f"round {r + 1}: " + ", ".join(f"{n} {rates[n][-1]:.1f}" for n in VARIANTS) + " packed tokens/s")
     med = {n: statistics.median(v) for n, v in rates.items()}
     print(
-        f"median real tokens/s (forward + backward): peft {med['peft']:.1f}, fused {med['fused']:.1f} "
+        f"median packed tokens/s (forward + backward): peft {med['peft']:.1f}, fused {med['fused']:.1f} "
         f"-> fused/peft {med['fused'] / med['peft']:.3f}x; "
         f"load average at end {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
     )

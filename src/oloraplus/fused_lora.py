@@ -1,15 +1,15 @@
-"""PEFT's LoRA Linear with its forward and backward as one autograd op, where it trains plain LoRA in fp32 on a CPU.
+"""PEFT's LoRA Linear without the adapter's passes over each layer's output, where it trains plain LoRA in fp32 on a CPU.
 
 PEFT computes `base(x) + lora_B(lora_A(x)) * scaling`: the adapter's [tokens x out] product is written,
-scaled in a second pass and added to the base output in a third, and backward makes the same passes
-over the output gradient before adding the adapter's input gradient to the base's. Here the product
-is accumulated into the base output by the matmul itself (addmm), the scaling rides on the rank-sized
-factors, and the two input gradients are summed by one addmm: every pass over [tokens x out] but the
-matmuls' own is gone. The matmuls are PEFT's: at scaling 1 (alpha = r, our default) the forward gives
-the same bits, and gradients differ by float rounding only (their terms are summed in another order).
+multiplied by the scaling in a second pass and added to the base output in a third, and backward makes
+the scaling pass again over the output gradient. At scaling 1 (alpha = r, our default) those passes
+change no bit, so here the product is summed into the base output by the matmul itself (addmm) and
+the output gradient goes to the matmuls as it is. The matmuls are PEFT's, each input gradient reaches
+x in the order PEFT's autograd nodes deliver it, and the loss and every gradient are PEFT's bits
+(tests/test_fused_lora.py).
 
-Anything else (dropout, DoRA and other variants, several or mixed adapters, merged or disabled
-adapters, autocast, a bias that trains, a quantized or non-Linear base) runs PEFT's own forward.
+Anything else (another scaling, dropout, DoRA and other variants, several or mixed adapters, merged or
+disabled adapters, autocast, a bias that trains, a quantized or non-Linear base) runs PEFT's own forward.
 """
 
 from __future__ import annotations
@@ -19,57 +19,80 @@ from peft.tuners.lora import Linear as LoraLinear
 from torch import nn
 
 
-class _LoRAProduct(torch.autograd.Function):
-    """x·Wᵀ + bias + scaling·(x·Aᵀ)·Bᵀ, with gradients for x, A and B (W and bias frozen)."""
+class _PassGradient(torch.autograd.Function):
+    """x as it is. Its backward node, made before the adapter's, hands the base's input gradient to x after
+    the adapter's: the order PEFT's nodes deliver them in, so x's gradient is summed as PEFT sums it."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float):
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class _LoRADown(torch.autograd.Function):
+    """x·Aᵀ (lora_A), with the gradients nn.Linear gives x and A."""
+
+    @staticmethod
+    def forward(ctx, x, lora_a):
         rows = x.reshape(-1, x.shape[-1])
-        down = rows.mm(lora_a.t())
+        ctx.save_for_backward(rows, lora_a)
+        ctx.x_shape = x.shape
+        return rows.mm(lora_a.t())
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, lora_a = ctx.saved_tensors
+        grad_x = grad.mm(lora_a).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        grad_a = grad.t().mm(rows) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_a
+
+
+class _LoRAUp(torch.autograd.Function):
+    """x·Wᵀ + bias + down·Bᵀ, the adapter's product summed into the base output by the matmul (addmm)."""
+
+    @staticmethod
+    def forward(ctx, x, down, weight, bias, lora_b):
+        rows = x.reshape(-1, x.shape[-1])
         out = rows.mm(weight.t()) if bias is None else torch.addmm(bias, rows, weight.t())
-        out.addmm_(down, lora_b.t(), alpha=scaling)
-        ctx.save_for_backward(rows, down, weight, lora_a, lora_b)
-        ctx.scaling, ctx.x_shape = scaling, x.shape
+        out.addmm_(down, lora_b.t())
+        ctx.save_for_backward(down, weight, lora_b)
+        ctx.x_shape = x.shape
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
-        rows, down, weight, lora_a, lora_b = ctx.saved_tensors
-        scaling = ctx.scaling
+        down, weight, lora_b = ctx.saved_tensors
         grad = grad.reshape(-1, grad.shape[-1])
-        # the scaling on B (rank columns), not on the gradient (tokens x out)
-        grad_down = grad.mm(lora_b if scaling == 1.0 else lora_b * scaling)
-        grad_x = grad_a = grad_b = None
-        if ctx.needs_input_grad[0]:  # the first layer's input comes from a frozen embedding: no gradient
-            grad_x = grad.mm(weight).addmm_(grad_down, lora_a).view(ctx.x_shape)
-        # the weight gradients as autograd computes them for nn.Linear (xᵀ·g, transposed): PEFT's bits
-        if ctx.needs_input_grad[3]:
-            grad_a = rows.t().mm(grad_down).t()
-        if ctx.needs_input_grad[4]:
-            grad_b = down.t().mm(grad).t()
-            if scaling != 1.0:
-                grad_b.mul_(scaling)
-        return grad_x, None, None, grad_a, grad_b, None
+        grad_x = grad.mm(weight).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        grad_down = grad.mm(lora_b) if ctx.needs_input_grad[1] else None
+        grad_b = grad.t().mm(down) if ctx.needs_input_grad[4] else None
+        return grad_x, grad_down, None, None, grad_b
 
 
 class FusedLoraLinear(LoraLinear):
-    """A PEFT LoRA Linear whose plain fp32 CPU forward is `_LoRAProduct`; every other case is PEFT's forward."""
+    """A PEFT LoRA Linear whose plain fp32 CPU forward at scaling 1 is `_LoRADown` and `_LoRAUp`; else PEFT's forward."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         adapter = self._fusable_adapter(x)
         if adapter is None or args or kwargs:
             return super().forward(x, *args, **kwargs)
         base = self.base_layer
-        a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
-        return _LoRAProduct.apply(x, base.weight, base.bias, a, b, float(self.scaling[adapter]))
+        passed = _PassGradient.apply(x)  # made first: its backward runs last
+        down = _LoRADown.apply(x, self.lora_A[adapter].weight)
+        return _LoRAUp.apply(passed, down, base.weight, base.bias, self.lora_B[adapter].weight)
 
     def _fusable_adapter(self, x: torch.Tensor) -> str | None:
-        """The one active adapter when this call is plain LoRA that `_LoRAProduct` computes as PEFT would, else None."""
+        """The one active adapter when this call is plain LoRA that the ops above compute as PEFT does, else None."""
         if self.disable_adapters or self.merged or len(self.active_adapters) != 1:
             return None
         name = self.active_adapters[0]
         base = self.base_layer
         if name not in self.lora_A or name in self.lora_variant or not isinstance(self.lora_dropout[name], nn.Identity):
+            return None
+        if self.scaling[name] != 1:  # PEFT scales the product and its gradient in passes of their own: its bits
             return None
         a, b = self.lora_A[name], self.lora_B[name]
         if type(base) is not nn.Linear or base.weight.requires_grad or a.bias is not None or b.bias is not None:
