@@ -74,7 +74,7 @@ def test_fused_hands_other_cases_to_peft():
 
 
 def test_fused_model_saves_and_copies_like_peft(tmp_path):
-    plain = get_peft_model(build_tiny_llama(300), LoraConfig(r=4, target_modules=TARGETS))
+    plain = get_peft_model(build_tiny_llama(300), LoraConfig(r=4, lora_alpha=4, target_modules=TARGETS))
     fused = copy.deepcopy(plain)
     use_fused_lora(fused)
     assert fused.state_dict().keys() == plain.state_dict().keys()
@@ -83,6 +83,7 @@ def test_fused_model_saves_and_copies_like_peft(tmp_path):
     layer.lora_B["default"].weight.data.fill_(1.0)
     x = torch.randn(2, layer.in_features)
     original = next(m for m in fused.modules() if isinstance(m, FusedLoraLinear))
+    assert layer._fusable_adapter(x) == "default"  # scaling 1: the fused path
     assert not torch.equal(layer(x), original(x))
     fused.save_pretrained(tmp_path)
     assert (tmp_path / "adapter_model.safetensors").is_file()
