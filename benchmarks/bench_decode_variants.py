@@ -7,13 +7,18 @@ than as an effect:
   plain  - the run's decoder with MKL's sgemm for every matmul (SDPA attention, separate q/k/v and gate/up);
   fused  - q/k/v and gate/up each computed as one matmul over their stacked weights, sliced after
            (fewer, wider matmuls; the same bits when the kernel sums each column alike, checked below);
-  eager  - transformers' eager attention (matmul + softmax) instead of SDPA's flash kernel;
+  eager  - transformers' eager attention (matmul + softmax, K/V repeated per query head) in decode steps
+           instead of SDPA's flash kernel (until 2026-12-07 this variant set the model's attention, which the
+           decoder's packed attention overrode: its earlier figures timed SDPA);
+  mm     - decode steps' attention as two batched matmuls over the key/value heads (the query heads of one
+           KV head stacked as rows: no K/V copy) and a softmax between, instead of SDPA's flash kernel;
   onednn - every Linear (the LM head included) through oneDNN's inner product on its weight packed once
            into oneDNN's layout (`generation.linears_in_onednn`), instead of MKL's sgemm, which packs the
            weight on every call: decode steps stream all weights once per step; the run's default where
            `generation.onednn_linears_pay` says "all" (plain here keeps MKL for every Linear on every CPU);
   onednn_head - the same for the LM head alone (a fifth of a step's FLOPs, its widest matmul): the default
            where `onednn_linears_pay` says "head".
+Variants combine with "+" (`onednn+eager`: every Linear in oneDNN and eager attention).
 Prints answer tokens/s per try and how many answers equal the first plain try's. SmolLM2-135M, fp32 (`--run RUN`:
 the run's model, whose answers are those a run times, shorter than the base model's):
 
@@ -29,10 +34,13 @@ import time
 from pathlib import Path
 
 import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.models.llama.modeling_llama import eager_attention_forward
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))  # run from a checkout without installing
 
+from oloraplus import packing  # noqa: E402
 from oloraplus.data import load_records, prompt_ids, split_indices  # noqa: E402
 from oloraplus.generation import greedy_decode  # noqa: E402
 from oloraplus.models import load_base  # noqa: E402
@@ -43,6 +51,29 @@ DEFAULT_DATA = os.environ.get("OLORAPLUS_DATA") or str(
     REPO.parent / "shared" / "data" / "alpaca" / "alpaca_sample.json"
 )
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # projections of one input
+
+
+def eager_step(module, query, key, value, attention_mask, **kwargs):
+    """transformers' eager attention; the decoder builds SDPA's boolean mask, eager adds a float one."""
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        attention_mask = torch.zeros_like(attention_mask, dtype=query.dtype).masked_fill_(~attention_mask, -torch.inf)
+    return eager_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def mm_step(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """One query position per row: scores and output as batched matmuls per KV head; SDPA otherwise."""
+    b, heads, q_len, d = query.shape
+    if q_len != 1 or (attention_mask is not None and attention_mask.dtype != torch.bool):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    q = query.reshape(b, key.shape[1], heads // key.shape[1], d)  # [batch, kv heads, query heads per kv, d]
+    scores = torch.matmul(q, key.transpose(-1, -2)).mul_(scaling)
+    if attention_mask is not None:  # [batch, 1, 1, positions]: True where a row attends
+        scores.masked_fill_(~attention_mask, -torch.inf)
+    out = torch.matmul(torch.softmax(scores, dim=-1), value)
+    return out.reshape(b, 1, heads, d), None
+
+
+DECODE_ATTENTION = {"eager": eager_step, "mm": mm_step}
 
 
 def fuse_projections(model: torch.nn.Module) -> list[torch.nn.Linear]:
@@ -103,8 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     reference = None
     for attempt in range(args.repeats):
         for variant in args.variants.split(","):
-            replaced = fuse_projections(model) if variant == "fused" else []
-            model.set_attn_implementation("eager" if variant == "eager" else "sdpa")
+            parts = set(variant.split("+"))
+            replaced = fuse_projections(model) if "fused" in parts else []
+            # the decoder's packed attention hands decode steps to packing.sdpa_attention_forward: swap that
+            step = next((DECODE_ATTENTION[p] for p in parts if p in DECODE_ATTENTION), sdpa_attention_forward)
+            packing.sdpa_attention_forward = step
+            onednn = "all" if "onednn" in parts else "head" if "onednn_head" in parts else "none"  # else MKL
             t0 = time.perf_counter()
             with torch.no_grad():
                 answers = greedy_decode(
@@ -114,16 +149,17 @@ def main(argv: list[str] | None = None) -> int:
                     tok.eos_token_id,
                     tok.pad_token_id,
                     args.batch_size,
-                    onednn={"onednn": "all", "onednn_head": "head"}.get(variant, "none"),  # else MKL, whatever the CPU
+                    onednn=onednn,
                 )
             seconds = time.perf_counter() - t0
+            packing.sdpa_attention_forward = sdpa_attention_forward
             for m in replaced:
                 del m.forward
             reference = reference or answers
             tokens = sum(len(a) for a in answers)
             same = sum(a == b for a, b in zip(answers, reference))
             print(
-                f"try {attempt + 1} {variant:<6} {seconds:7.1f} s  {tokens:6d} tokens  {tokens / seconds:6.1f} tokens/s"
+                f"try {attempt + 1} {variant:<13} {seconds:7.1f} s  {tokens:6d} tokens  {tokens / seconds:6.1f} tokens/s"
                 f"  answers equal to plain's: {same}/{len(answers)}",
                 flush=True,
             )
