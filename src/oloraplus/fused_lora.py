@@ -1,12 +1,13 @@
 """PEFT's LoRA Linear without the adapter's passes over each layer's output, where it trains plain LoRA in fp32 on a CPU.
 
 PEFT computes `base(x) + lora_B(lora_A(x)) * scaling`: the adapter's [tokens x out] product is written,
-multiplied by the scaling in a second pass and added to the base output in a third, and backward makes
-the scaling pass again over the output gradient. At scaling 1 (alpha = r, our default) those passes
-change no bit, so here the product is summed into the base output by the matmul itself (addmm) and
-the output gradient goes to the matmuls as it is. The matmuls are PEFT's, each input gradient reaches
-x in the order PEFT's autograd nodes deliver it, and the loss and every gradient are PEFT's bits
-(tests/test_fused_lora.py).
+multiplied by the scaling in a second pass and added to the base output into a third tensor, and backward
+makes the scaling pass again over the output gradient. At scaling 1 (alpha = r, our default) the scaling
+passes change no bit, so here they are skipped, the product is added into the base output in place, and
+the output gradient goes to the matmuls as it is. The matmuls and the add are PEFT's (not an addmm into
+the base output: whether a BLAS kernel adds C before or after its products is its own affair, and the
+bits must not depend on the CPU), each input gradient reaches x in the order PEFT's autograd nodes
+deliver it, and the loss and every gradient are PEFT's bits (tests/test_fused_lora.py).
 
 Anything else (another scaling, dropout, DoRA and other variants, several or mixed adapters, merged or
 disabled adapters, autocast, a bias that trains, a quantized or non-Linear base) runs PEFT's own forward.
@@ -51,13 +52,13 @@ class _LoRADown(torch.autograd.Function):
 
 
 class _LoRAUp(torch.autograd.Function):
-    """x·Wᵀ + bias + down·Bᵀ, the adapter's product summed into the base output by the matmul (addmm)."""
+    """x·Wᵀ + bias + down·Bᵀ, the adapter's product added into the base output in place."""
 
     @staticmethod
     def forward(ctx, x, down, weight, bias, lora_b):
         rows = x.reshape(-1, x.shape[-1])
         out = rows.mm(weight.t()) if bias is None else torch.addmm(bias, rows, weight.t())
-        out.addmm_(down, lora_b.t())
+        out.add_(down.mm(lora_b.t()))
         ctx.save_for_backward(down, weight, lora_b)
         ctx.x_shape = x.shape
         return out.view(*x.shape[:-1], out.shape[-1])

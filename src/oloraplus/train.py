@@ -299,7 +299,7 @@ def train_adapter(prep: PreparedRun, out: Path, resume: Path | None = None) -> T
     if packing:
         use_packed_attention(model)
     if cfg.train.fused_lora:
-        use_fused_lora(model)  # plain fp32 LoRA on a CPU without PEFT's scale-and-add passes, same bits
+        use_fused_lora(model)  # plain fp32 LoRA on a CPU without PEFT's scaling passes, same bits
     trainer = OLoRAPlusTrainer(
         model=model,
         args=training_arguments(cfg, prep, out),
