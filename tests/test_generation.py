@@ -127,19 +127,15 @@ def test_packed_prefill_lays_out_the_cache_a_padded_prefill_does():
     torch.testing.assert_close(packed[3], padded[3], rtol=1e-5, atol=1e-5)
 
 
-def test_appended_rows_are_right_aligned_and_trimmed_padding_goes():
-    a, b = ReservedLayer(room=4), ReservedLayer(room=4)
-    ka, kb = torch.randn(2, 1, 5, 3), torch.randn(1, 1, 3, 3)
-    a.update(ka, ka)
-    b.update(kb, kb)
-    a.append_rows(b)
-    assert a.get_seq_length() == 5 and a.keys.shape[0] == 3
-    assert torch.equal(a.keys[:2], ka) and torch.equal(a.keys[2:, :, 2:], kb)
-    assert not a.keys[2:, :, :2].any()  # left padding is zeros, never uninitialised memory
-    a.batch_select_indices(torch.tensor([2]), start=2)  # only the short row stays: its padding goes
-    assert torch.equal(a.keys, kb)
+def test_selected_rows_keep_their_cache_and_the_padding_no_kept_row_needs_goes():
+    layer = ReservedLayer(room=4)
+    keys = torch.randn(3, 1, 5, 3)
+    keys[2, :, :2] = 0  # the third row's left padding
+    layer.update(keys, -keys)
+    layer.batch_select_indices(torch.tensor([2]), start=2)  # only the short row stays: its padding goes
+    assert torch.equal(layer.keys, keys[2:, :, 2:]) and torch.equal(layer.values, -keys[2:, :, 2:])
     step = torch.randn(1, 1, 1, 3)
-    assert torch.equal(a.update(step, step)[0], torch.cat([kb, step], dim=-2))
+    assert torch.equal(layer.update(step, step)[0], torch.cat([keys[2:, :, 2:], step], dim=-2))
 
 
 def test_reserved_layer_holds_what_concatenation_holds_also_past_its_room():
@@ -170,25 +166,58 @@ def test_moved_rows_keep_their_cache_and_the_padding_no_row_needs_goes():
     assert layer.keys.shape == (2, 2, 7, 8) and torch.equal(layer.keys[:, :, :3], keys[[0, 3], :, 2:])
 
 
+def _held_positions(cache) -> tuple[int, int]:
+    """(cache positions held, row groups) of a decode step's cache: one group's, or every group's of a grouped one."""
+    groups = getattr(cache.layers[0], "groups", None)
+    caches = [g.cache for g in groups] if groups else [cache]
+    return sum(c.layers[0].keys.shape[0] * c.layers[0].keys.shape[-2] for c in caches), len(caches)
+
+
 def test_the_running_batch_grows_past_batch_size_as_prompts_shorten_within_the_first_batchs_cache():
-    """One long prompt, then short ones: once it ends, more rows run, yet never more cache positions."""
+    """One long prompt, then short ones: once it ends, more rows run, in groups side by side, never more positions."""
     model = build_tiny_llama(97, seed=3).eval()
     prompts = [t["input_ids"] for t in _features([30, 4, 5, 4, 6, 4, 5, 4, 4, 5], seed=5)]
     batch_size, max_new = 2, 6
-    budget = batch_size * (30 + max_new + min(generation.ROOM, max_new))
+    room = min(generation.ROOM, max_new)
+    budget = batch_size * (30 + max_new + room)
     seen = []
-    hook = model.register_forward_pre_hook(
-        lambda _, args, kwargs: seen.append(tuple(kwargs["attention_mask"].shape)), with_kwargs=True
+    hook = model.register_forward_hook(
+        lambda _, args, kwargs, out: seen.append((kwargs["input_ids"].shape, _held_positions(kwargs["cache"]))),
+        with_kwargs=True,
     )
     free = greedy_decode(model, prompts, max_new, eos_token_id=-1, pad_token_id=2)
     eos = free[3][2]
     seen.clear()
     ours = greedy_decode(model, prompts, max_new, eos_token_id=eos, pad_token_id=2, batch_size=batch_size)
     hook.remove()
-    decode_steps = [(rows, width) for rows, width in seen if width > 1]
-    assert max(rows for rows, _ in decode_steps) > batch_size
-    assert max(rows * width for rows, width in decode_steps) <= budget
+    steps = [(shape[0], held, groups) for shape, (held, groups) in seen if shape[1] == 1]
+    assert max(rows for rows, _, _ in steps) > batch_size
+    assert max(groups for _, _, groups in steps) > 1  # rows that joined later ran beside the earlier ones
+    # the cache holds what was written and the room reserved past it: at most `room` more than the budget counts
+    assert max(held for _, held, _ in steps) <= budget
     assert ours == [_generate_one(model, p, max_new, eos) for p in prompts]
+
+
+@pytest.mark.parametrize("lengths", [[9, 5, 7], [6, 6]], ids=["padded", "unpadded"])
+def test_a_row_groups_mask_is_the_one_transformers_builds_for_its_rows_alone(lengths):
+    """Each group's SDPA gets what the model's own mask code gives a decode step of those rows: none unpadded."""
+    model = build_tiny_llama(97, seed=3).eval()
+    use_packed_attention(model)
+    prompts = [t["input_ids"] for t in _features(lengths, seed=4)]
+    seen = []
+    hook = model.model.layers[0].self_attn.register_forward_pre_hook(
+        lambda _, args, kwargs: seen.append(kwargs["attention_mask"]), with_kwargs=True
+    )
+    with torch.no_grad():
+        cache, mask, next_position, logits = _prefill_packed(model, prompts, 4)
+        mask = torch.cat([mask, mask.new_ones((len(prompts), 1))], dim=1)
+        seen.clear()
+        tokens = logits.argmax(-1)[:, None]
+        model(input_ids=tokens, attention_mask=mask, position_ids=next_position[:, None], cache=cache, use_cache=True)
+    hook.remove()
+    ours = generation.RowGroup(cache, mask, 0).attention_mask()
+    assert (ours is None) == (seen[0] is None) == (len(set(lengths)) == 1)
+    assert ours is None or torch.equal(ours, seen[0])
 
 
 def test_a_sliding_window_model_takes_larger_batches_of_shorter_prompts_and_keeps_generates_tokens():
@@ -205,3 +234,19 @@ def test_a_sliding_window_model_takes_larger_batches_of_shorter_prompts_and_keep
     hook.remove()
     assert max(seen) > 2
     assert ours == [_generate_one(model, p, 6, eos) for p in prompts]
+
+
+def test_compacting_a_cache_frees_the_rows_that_ended_and_keeps_the_rest():
+    layer = ReservedLayer(room=3)
+    keys = torch.randn(4, 2, 5, 8)
+    layer.update(keys, -keys)
+    layer.move_rows(torch.tensor([1]), torch.tensor([3]), rows=2, start=2)
+    assert layer.keys.untyped_storage().nbytes() == keys.nbytes * 8 // 5  # 4 rows x (5 + 3) positions still held
+    layer.compact()
+    assert layer.keys.untyped_storage().nbytes() == keys.nbytes // 4 * 2 * 6 // 5  # 2 rows x (3 + 3)
+    assert torch.equal(layer.keys, keys[[0, 3], :, 2:]) and torch.equal(layer.values, -keys[[0, 3], :, 2:])
+    step = torch.randn(2, 2, 1, 8)
+    assert torch.equal(layer.update(step, step)[0], torch.cat([keys[[0, 3], :, 2:], step], dim=-2))
+    held = layer.keys.untyped_storage()
+    layer.compact()  # nothing ended since: no copy
+    assert layer.keys.untyped_storage().data_ptr() == held.data_ptr()

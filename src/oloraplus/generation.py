@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from oloraplus.data import IGNORE_INDEX, prompt_ids
 from oloraplus.distributed import ALONE, Ranks
@@ -80,17 +81,16 @@ class ReservedLayer(DynamicLayer):
                 buffer[holes] = buffer[sources]
             self._hold(self._keys[:rows, :, start:], self._values[:rows, :, start:], self.length - start)
 
-    def append_rows(self, other: ReservedLayer) -> None:
-        """Stack `other`'s rows below ours, both right-aligned on the longer one (zeros, masked, on the left)."""
-        width = max(self.length, other.length)
-        shape = list(self._keys.shape)
-        shape[0], shape[-2] = shape[0] + other._keys.shape[0], width + self.room
-        keys, values = self._keys.new_zeros(shape), self._values.new_zeros(shape)
-        ours = self._keys.shape[0]
-        for rows, layer in ((slice(0, ours), self), (slice(ours, None), other)):
-            keys[rows, :, width - layer.length : width] = layer.keys
-            values[rows, :, width - layer.length : width] = layer.values
-        self._hold(keys, values, width)
+    def compact(self) -> None:
+        """Copy the cache into a buffer of its own rows and room, if the one behind it also holds rows that ended
+        (`move_rows` keeps them until the room runs out): what a refill counts as free is then free."""
+        if self.length and self._keys.untyped_storage().nbytes() > self._keys.numel() * self._keys.element_size():
+            keys, values = self.keys, self.values
+            shape = list(keys.shape)
+            shape[-2] = self.length + self.room
+            self._keys, self._values = keys.new_empty(shape), values.new_empty(shape)
+            self._keys[..., : self.length, :], self._values[..., : self.length, :] = keys, values
+            self._hold(self._keys, self._values, self.length)
 
 
 # The batch size oneDNN packs a weight's layout for (the eval batch): on Zen 3 a packed weight ran decode-sized
@@ -245,20 +245,126 @@ def greedy_decode(
     on_finished: Callable[[int], None] | None = None,
     onednn: str | None = None,
 ) -> list[list[int]]:
-    """Greedy continuations of `prompts` (EOS included where emitted), `batch_size` rows at a time.
+    """Greedy continuations of `prompts` (EOS included where emitted), about `batch_size` rows at a time.
 
     The same tokens as `model.generate(do_sample=False)` on each prompt, with the same
     positions and mask, but a row leaves the batch (and its KV cache) as soon as it
-    ends, and once a quarter of the batch has ended the waiting prompts take the free rows:
+    ends, and once a quarter of the cache budget is free the waiting prompts join:
     generate keeps computing finished rows until a batch's longest answer ends, so most
-    of its steps run a nearly empty batch. New rows join the cache left-padded to the
-    running width; padding no row needs is trimmed as rows leave. As the waiting prompts
-    get shorter the batch takes more rows than `batch_size` (up to MAX_ROWS_FACTOR times),
-    as many as keep its cache within the positions of `batch_size` rows of the longest prompt.
+    of its steps run a nearly empty batch. The prompts that join together form a row
+    group with its own KV cache, left-padded to its own longest prompt (`RowGroup`); every
+    group runs through the same decode step, its attention over its own cache
+    (`GroupedKeys`). The budget is the cache positions of `batch_size` rows of the longest
+    prompt, each row counted at the most it can come to hold, so as the waiting prompts get
+    shorter more rows run (up to MAX_ROWS_FACTOR times `batch_size`). A model whose cache
+    layers cannot be split that way (sliding windows) or that cannot run the packed
+    attention decodes one group at a time.
     `onednn`: which Linears answer through oneDNN (`linears_in_onednn`; None: where it measured faster).
     """
     with linears_in_onednn(model, onednn):
         return _decode(model, prompts, max_new_tokens, eos_token_id, pad_token_id, batch_size, on_finished)
+
+
+class RowGroup:
+    """Rows that joined the running batch together: their KV cache, left-padded to their longest row, and mask.
+
+    One cache for every running row (what this decoder had until 2026-12-07) is as wide as its longest row, and a
+    row that joins it is padded to that width: on SmolLM2's 500 test prompts 42% of the positions the decode steps
+    held and attended over were padding, which capped the rows the budget allowed at ~56 on average.
+    """
+
+    def __init__(self, cache: DynamicCache, mask: torch.Tensor, reserve: int):
+        self.cache, self.mask = cache, mask
+        self.reserve = reserve  # cache positions a row may come to hold: its group's longest prompt + answer + room
+
+    def __len__(self) -> int:
+        return self.mask.shape[0]
+
+    def keep(self, ended: list[int], trim: bool) -> torch.Tensor:
+        """Drop the rows `ended` (indices within the group); returns where each kept row was.
+
+        The group's last running rows move into the ended rows' places, so the cache copies only those,
+        and leading positions no kept row attends to go (`trim`).
+        """
+        kept = len(self) - len(ended)
+        ended_rows = set(ended)
+        holes = [k for k in ended if k < kept]
+        sources = [k for k in range(kept, len(self)) if k not in ended_rows]
+        keep = torch.arange(kept)
+        keep[holes] = torch.tensor(sources, dtype=torch.long)
+        device = self.mask.device
+        self.mask = self.mask[keep.to(device)]
+        start = int(self.mask.any(0).int().argmax()) if trim else 0
+        self.mask = self.mask[:, start:]
+        holes_t, sources_t = (torch.tensor(k, dtype=torch.long, device=device) for k in (holes, sources))
+        for layer in self.cache.layers:
+            if trim:
+                layer.move_rows(holes_t, sources_t, kept, start)
+            else:
+                layer.batch_select_indices(keep.to(device))
+        return keep
+
+    def attention_mask(self) -> torch.Tensor | None:
+        """The 4D mask transformers' SDPA path builds for these rows alone at a decode step: none without padding."""
+        return None if bool(self.mask.all()) else self.mask.bool()[:, None, None, :]
+
+
+class GroupedKeys:
+    """What a grouped cache layer hands the attention in place of keys: each row group's keys, values and mask.
+
+    packing.packed_sdpa_attention sees `attend` and runs transformers' SDPA once per group, over the group's
+    own width, on the group's rows of the query.
+    """
+
+    def __init__(self, parts: list[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor | None]]):
+        self.parts = parts  # (first row, end row, keys, values, mask)
+
+    def attend(self, module, query: torch.Tensor, **kwargs) -> tuple[torch.Tensor, None]:
+        outputs = [
+            sdpa_attention_forward(module, query[s:e], keys, values, mask, **kwargs)[0]
+            for s, e, keys, values, mask in self.parts
+        ]
+        return torch.cat(outputs), None
+
+
+class _GroupedLayer(DynamicLayer):
+    """One model layer's view of every group's cache: a decode step's new keys go to each group's rows."""
+
+    def __init__(self, groups: list[RowGroup], masks: list[torch.Tensor | None], index: int):
+        super().__init__()
+        self.groups, self.masks, self.index = groups, masks, index
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        parts, start = [], 0
+        for group, mask in zip(self.groups, self.masks):
+            end = start + len(group)
+            keys, values = group.cache.layers[self.index].update(key_states[start:end], value_states[start:end])
+            parts.append((start, end, keys, values, mask))
+            start = end
+        return GroupedKeys(parts), None
+
+    def get_seq_length(self) -> int:
+        return max(group.cache.layers[self.index].get_seq_length() for group in self.groups)
+
+
+def grouped_cache(model: PreTrainedModel, groups: list[RowGroup]) -> DynamicCache:
+    """A cache for one decode step of every row in `groups`, in their order."""
+    cache = DynamicCache(config=model.config)
+    masks = [group.attention_mask() for group in groups]
+    cache.layers = [_GroupedLayer(groups, masks, i) for i in range(len(groups[0].cache.layers))]
+    return cache
+
+
+def rows_that_fit(prompts: list[list[int]], free: int, max_rows: int, extra: int) -> tuple[int, int]:
+    """How many of `prompts` (from the first) join as one group within `free` cache positions, each row counted
+    at its group's longest prompt + `extra`; and that longest prompt. At least one (the caller checks it runs alone)."""
+    n, longest = 0, 0
+    for prompt in prompts[:max_rows]:
+        wider = max(longest, len(prompt))
+        if n and (n + 1) * (wider + extra) > free:
+            break
+        n, longest = n + 1, wider
+    return n, longest
 
 
 def _decode(
@@ -270,44 +376,43 @@ def _decode(
     batch_size: int | None,
     on_finished: Callable[[int], None] | None,
 ) -> list[list[int]]:
-    device = next(model.parameters()).device
     batch_size = batch_size or len(prompts)
     answers: list[list[int]] = [[] for _ in prompts]
-    rows = torch.zeros(0, dtype=torch.long)  # which prompt each running row answers
-    cache = mask = next_position = logits = None
+    groups: list[RowGroup] = []
+    rows = torch.zeros(0, dtype=torch.long)  # which prompt each running row answers, groups in order
+    next_position = logits = None
     waiting = 0
-    # rows can join a running batch only where every cache layer can take them (sliding layers cannot)
-    mergeable = all(isinstance(layer, ReservedLayer) for layer in reserved_cache(model, 0).layers)
-    packed = mergeable and can_pack(model, max(len(p) for p in prompts))
+    # groups run side by side only where every cache layer can be one group's (sliding layers cannot) and the
+    # attention is ours (it runs each group's SDPA); otherwise one group runs to its end before the next
+    trimmable = all(isinstance(layer, ReservedLayer) for layer in reserved_cache(model, 0).layers)
+    packed = trimmable and can_pack(model, max(len(p) for p in prompts))
     if packed:
         use_packed_attention(model)  # its unpacked path is transformers' SDPA: decode steps are unchanged
     room = min(ROOM, max_new_tokens)
-    budget = batch_size * (max(len(p) for p in prompts) + max_new_tokens + room)  # cache positions
+    extra = max_new_tokens + room
+    budget = batch_size * (max(len(p) for p in prompts) + extra)  # cache positions
     max_rows = MAX_ROWS_FACTOR * batch_size
     while True:
-        # rows that fit the budget until every one has ended: none grows past its width now + max_new_tokens
-        width = max([mask.shape[1] if len(rows) else 0] + [len(p) for p in prompts[waiting : waiting + max_rows]])
-        fit = max(1, min(max_rows, budget // (width + max_new_tokens + room)))
-        # refill once a quarter of the rows are free: a decode step costs nearly the same at 16 rows as at 64
-        if waiting < len(prompts) and (len(rows) == 0 or (mergeable and len(rows) <= fit - max(1, fit // 4))):
-            start = torch.arange(waiting, min(len(prompts), waiting + fit - len(rows)))
-            waiting += len(start)
-            joining = [prompts[i] for i in start]
-            return_freed_memory_when_grown()  # the freed holes the last rows touched, before new ones are made
-            if packed:
-                new_cache, new_mask, new_next, new_logits = _prefill_packed(model, joining, room)
-            else:
-                new_cache, new_mask, new_next, new_logits = _prefill_padded(model, joining, room, pad_token_id)
-            if len(rows) == 0:
-                cache, mask, next_position, logits = new_cache, new_mask, new_next, new_logits
-            else:
-                for layer, new_layer in zip(cache.layers, new_cache.layers):
-                    layer.append_rows(new_layer)
-                width = max(mask.shape[1], new_mask.shape[1])
-                mask = torch.cat([torch.nn.functional.pad(m, (width - m.shape[1], 0)) for m in (mask, new_mask)])
-                next_position = torch.cat([next_position, new_next])
-                logits = torch.cat([logits, new_logits])
-            rows = torch.cat([rows, start])
+        free = budget - sum(len(group) * group.reserve for group in groups)
+        # refill once a quarter of the budget is free: a decode step costs nearly the same at 16 rows as at 64
+        if waiting < len(prompts) and (not groups or (packed and free >= budget // 4 and len(rows) < max_rows)):
+            n, longest = rows_that_fit(prompts[waiting:], free, max_rows - len(rows), extra)
+            if not groups or n * (longest + extra) <= free:
+                for group in groups:  # the positions that ended rows still hold go back before new ones are taken
+                    for layer in group.cache.layers:
+                        layer.compact()
+                start = torch.arange(waiting, waiting + n)
+                waiting += n
+                joining = [prompts[i] for i in start]
+                return_freed_memory_when_grown()  # the freed holes the last rows touched, before new ones are made
+                if packed:
+                    cache, mask, new_next, new_logits = _prefill_packed(model, joining, room)
+                else:
+                    cache, mask, new_next, new_logits = _prefill_padded(model, joining, room, pad_token_id)
+                groups.append(RowGroup(cache, mask, longest + extra))
+                rows = torch.cat([rows, start])
+                next_position = new_next if next_position is None else torch.cat([next_position, new_next])
+                logits = new_logits if logits is None else torch.cat([logits, new_logits])
         if len(rows) == 0:
             return answers
         tokens = logits.float().argmax(-1)
@@ -319,33 +424,32 @@ def _decode(
                 if on_finished:
                     on_finished(row)
         if ended:
-            kept = len(rows) - len(ended)
-            if kept == 0:
-                rows, cache = rows[:0], None
-                continue
-            # the last running rows move into the ended rows' places: the cache copies only those
-            ended_rows = set(ended)
-            holes = [k for k in ended if k < kept]
-            sources = [k for k in range(kept, len(rows)) if k not in ended_rows]
-            keep = torch.arange(kept)
-            keep[holes] = torch.tensor(sources, dtype=torch.long)
+            keep, kept_groups, offset = [], [], 0
+            for group in groups:
+                size = len(group)  # before its ended rows go
+                mine = [k - offset for k in ended if offset <= k < offset + size]
+                if len(mine) < size:
+                    keep.append((group.keep(mine, trimmable) if mine else torch.arange(size)) + offset)
+                    kept_groups.append(group)
+                offset += size
+            groups = kept_groups
+            keep = torch.cat(keep) if keep else torch.zeros(0, dtype=torch.long)
             rows = rows[keep]
-            keep = keep.to(device)
-            mask = mask[keep]
-            trim = int(mask.any(0).int().argmax()) if mergeable else 0  # leading columns no kept row attends to
-            mask = mask[:, trim:]
-            holes, sources = (torch.tensor(k, dtype=torch.long, device=device) for k in (holes, sources))
-            for layer in cache.layers:
-                layer.move_rows(holes, sources, kept, trim) if mergeable else layer.batch_select_indices(keep)
+            keep = keep.to(tokens.device)
             tokens, next_position = tokens[keep], next_position[keep]
-        mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
-        logits = model(
-            input_ids=tokens[:, None],
-            attention_mask=mask,
-            position_ids=next_position[:, None],
-            cache=cache,
-            use_cache=True,
-        ).logits[:, -1]
+            if not groups:
+                next_position = logits = None
+                continue
+        for group in groups:
+            group.mask = torch.cat([group.mask, group.mask.new_ones((len(group), 1))], dim=1)
+        if len(groups) == 1:  # the model's own mask and cache, as before groups
+            inputs = {"attention_mask": groups[0].mask, "cache": groups[0].cache}
+        else:  # an empty 4D mask goes through transformers untouched: each group's SDPA gets its own
+            empty = torch.ones(1, 1, 0, 0, dtype=torch.bool, device=tokens.device)
+            inputs = {"attention_mask": empty, "cache": grouped_cache(model, groups)}
+        logits = model(input_ids=tokens[:, None], position_ids=next_position[:, None], use_cache=True, **inputs).logits[
+            :, -1
+        ]
         next_position = next_position + 1
 
 
