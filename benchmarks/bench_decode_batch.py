@@ -4,8 +4,9 @@ Why: the answers are most of a run's evaluation time on a CPU, and how many rows
 step carries decides what it costs per token. The earlier decoder (by default the revision
 before the running batch was refilled) drops finished rows but never refills, so its
 batches empty out; ours refills them. Same model (SmolLM2-135M, fp32), same prompts, one
-process; prints tokens/s per side and batch size, and how many answers equal the earlier
-decoder's at batch 32.
+process; prints tokens/s per side and batch size, how many answers equal the earlier
+decoder's, and per side the decode steps, the rows each carried and the share of padding in the cache
+positions they attended over.
 
     python benchmarks/bench_decode_batch.py --n 64 --batch_sizes 16,32,64 --threads 1
 """
@@ -76,18 +77,37 @@ def main(argv: list[str] | None = None) -> int:
     sides = [("before", before, args.before_batch_size)]
     sides += [("ours", generation, int(b)) for b in args.batch_sizes.split(",")]
     reference = None
+    steps: list[tuple[int, int, int]] = []
+    hook = model.register_forward_pre_hook(lambda _, args, kwargs: steps.append(decode_step(kwargs)), with_kwargs=True)
     for name, module, batch in sides * args.repeats:
+        steps.clear()
         t0 = time.perf_counter()
         answers, tokens = module.generate_answers(model, tok, test, args.max_new_tokens, batch)
         seconds = time.perf_counter() - t0
         reference = reference or answers
         same = sum(a == b for a, b in zip(answers, reference))
+        decode = [s for s in steps if s]
+        rows, held, real = (sum(s[k] for s in decode) for k in range(3))
         print(
             f"{name:<7} batch {batch:>3}: {seconds:7.1f} s  {tokens:6d} tokens  {tokens / seconds:6.1f} tokens/s  "
-            f"answers equal to before's: {same}/{len(answers)}",
+            f"answers equal to before's: {same}/{len(answers)}  decode steps {len(decode)}, "
+            f"{rows / len(decode):.1f} rows each, padding {1 - real / held:.0%} of the positions attended",
             flush=True,
         )
+    hook.remove()
     return 0
+
+
+def decode_step(kwargs: dict) -> tuple[int, int, int] | None:
+    """(rows, cache positions attended, of which real tokens) of a decode step; None for a prefill.
+
+    One cache for all rows: its 2D mask says it all. Row groups (generation.RowGroup): each group's mask."""
+    if kwargs["input_ids"].shape[1] != 1:
+        return None
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))  # the earlier revisions' transformers named it so
+    groups = getattr(cache.layers[0], "groups", None)
+    masks = [g.mask for g in groups] if groups else [kwargs["attention_mask"]]
+    return sum(len(m) for m in masks), sum(m.numel() for m in masks), sum(int(m.sum()) for m in masks)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Greedy answers: a running batch refilled as rows end, over a KV cache with room reserved."""
+"""Greedy answers: a running batch refilled as rows end, in row groups that each keep a KV cache with room reserved."""
 
 from __future__ import annotations
 
