@@ -250,3 +250,28 @@ def test_compacting_a_cache_frees_the_rows_that_ended_and_keeps_the_rest():
     held = layer.keys.untyped_storage()
     layer.compact()  # nothing ended since: no copy
     assert layer.keys.untyped_storage().data_ptr() == held.data_ptr()
+
+
+def test_every_decode_steps_attention_goes_through_the_packed_attentions_sdpa_grouped_or_not(monkeypatch):
+    """One path for decode-step attention: packing.sdpa_attention_forward once per layer and group, so a
+    benchmark that swaps it (bench_decode_variants.py) times what it names in grouped steps too."""
+    from oloraplus import packing
+
+    model = build_tiny_llama(97, seed=3).eval()
+    prompts = [t["input_ids"] for t in _features([30, 4, 5, 4, 6, 4, 5, 4, 4, 5], seed=5)]
+    eos = greedy_decode(model, prompts, 6, eos_token_id=-1, pad_token_id=2)[3][2]
+    calls, groups = [], []
+    real = packing.sdpa_attention_forward
+    monkeypatch.setattr(
+        packing, "sdpa_attention_forward", lambda m, q, *a, **k: calls.append(q.shape[2]) or real(m, q, *a, **k)
+    )
+    hook = model.register_forward_pre_hook(
+        lambda _, args, kwargs: (
+            kwargs["input_ids"].shape[1] == 1 and groups.append(_held_positions(kwargs["cache"])[1])
+        ),
+        with_kwargs=True,
+    )
+    greedy_decode(model, prompts, 6, eos_token_id=eos, pad_token_id=2, batch_size=2)
+    hook.remove()
+    assert max(groups) > 1
+    assert calls.count(1) == model.config.num_hidden_layers * sum(groups)

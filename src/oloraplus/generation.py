@@ -10,7 +10,6 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from oloraplus.data import IGNORE_INDEX, prompt_ids
 from oloraplus.distributed import ALONE, Ranks
@@ -305,6 +304,11 @@ class RowGroup:
                 layer.batch_select_indices(keep.to(device))
         return keep
 
+    def compact(self) -> None:
+        """Give back the positions that ended rows still hold (`ReservedLayer.compact`)."""
+        for layer in self.cache.layers:
+            layer.compact()
+
     def attention_mask(self) -> torch.Tensor | None:
         """The 4D mask transformers' SDPA path builds for these rows alone at a decode step: none without padding."""
         return None if bool(self.mask.all()) else self.mask.bool()[:, None, None, :]
@@ -313,17 +317,17 @@ class RowGroup:
 class GroupedKeys:
     """What a grouped cache layer hands the attention in place of keys: each row group's keys, values and mask.
 
-    packing.packed_sdpa_attention sees `attend` and runs transformers' SDPA once per group, over the group's
-    own width, on the group's rows of the query.
+    packing.packed_sdpa_attention sees `attend` and hands itself in as `attention`: each group's rows of the
+    query then go through its unpacked path (transformers' SDPA, the one every decode step takes) over the
+    group's own width.
     """
 
     def __init__(self, parts: list[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor | None]]):
         self.parts = parts  # (first row, end row, keys, values, mask)
 
-    def attend(self, module, query: torch.Tensor, **kwargs) -> tuple[torch.Tensor, None]:
+    def attend(self, module, query: torch.Tensor, attention: Callable, **kwargs) -> tuple[torch.Tensor, None]:
         outputs = [
-            sdpa_attention_forward(module, query[s:e], keys, values, mask, **kwargs)[0]
-            for s, e, keys, values, mask in self.parts
+            attention(module, query[s:e], keys, values, mask, **kwargs)[0] for s, e, keys, values, mask in self.parts
         ]
         return torch.cat(outputs), None
 
@@ -400,8 +404,7 @@ def _decode(
             n, longest = rows_that_fit(prompts[waiting:], free, max_rows - len(rows), extra)
             if not groups or n * (longest + extra) <= free:
                 for group in groups:  # the positions that ended rows still hold go back before new ones are taken
-                    for layer in group.cache.layers:
-                        layer.compact()
+                    group.compact()
                 start = torch.arange(waiting, waiting + n)
                 waiting += n
                 joining = [prompts[i] for i in start]

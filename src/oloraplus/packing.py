@@ -40,8 +40,8 @@ PACKED_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k",
 
 def packed_sdpa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Causal SDPA within each packed example (and its shared prefix); transformers' SDPA when not packed."""
-    if hasattr(key, "attend"):  # a decode step's row groups (generation.GroupedKeys): each group's SDPA on its rows
-        return key.attend(module, query, scaling=scaling, dropout=dropout, **kwargs)
+    if hasattr(key, "attend"):  # a decode step's row groups (generation.GroupedKeys): this function per group
+        return key.attend(module, query, packed_sdpa_attention, scaling=scaling, dropout=dropout, **kwargs)
     cu = kwargs.get("cu_seq_lens_q")
     if cu is None or query.shape[0] != 1:
         return sdpa_attention_forward(
