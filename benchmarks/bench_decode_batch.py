@@ -5,8 +5,10 @@ step carries decides what it costs per token. The earlier decoder (by default th
 before the running batch was refilled) drops finished rows but never refills, so its
 batches empty out; ours refills them. Same model (SmolLM2-135M, fp32), same prompts, one
 process; prints tokens/s per side and batch size, how many answers equal the earlier
-decoder's, and per side the decode steps, the rows each carried and the share of padding in the cache
-positions they attended over.
+decoder's, and per side the decode steps, the rows each carried, the share of padding in the cache
+positions they attended over, and the seconds spent in decode steps against the rest (prefills and
+the decoder's own work between steps). `--by_rows` adds, per side, the decode steps' time and
+answer tokens/s by the rows they carried: where a schedule loses, and what a step costs at its rows.
 
     python benchmarks/bench_decode_batch.py --n 64 --batch_sizes 16,32,64 --threads 1
 """
@@ -64,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default=DEFAULT_DATA)
     p.add_argument("--run", help="a run folder: answer with its base + merged adapter, as the run did [the base model]")
     p.add_argument("--repeats", type=int, default=1, help="tries of every side, interleaved [1]")
+    p.add_argument("--by_rows", action="store_true", help="per side, decode steps' time by the rows they carried")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -77,25 +80,54 @@ def main(argv: list[str] | None = None) -> int:
     sides = [("before", before, args.before_batch_size)]
     sides += [("ours", generation, int(b)) for b in args.batch_sizes.split(",")]
     reference = None
-    steps: list[tuple[int, int, int]] = []
-    hook = model.register_forward_pre_hook(lambda _, args, kwargs: steps.append(decode_step(kwargs)), with_kwargs=True)
+    steps: list[tuple[int, int, int] | None] = []
+    seconds_of_step: list[float] = []  # each model forward's, decode steps and padded prefills alike
+    hooks = [
+        model.register_forward_pre_hook(
+            lambda _, args, kwargs: steps.append(decode_step(kwargs)) or seconds_of_step.append(-time.perf_counter()),
+            with_kwargs=True,
+        ),
+        model.register_forward_hook(
+            lambda *_: seconds_of_step.__setitem__(-1, seconds_of_step[-1] + time.perf_counter())
+        ),
+    ]
     for name, module, batch in sides * args.repeats:
         steps.clear()
+        seconds_of_step.clear()
         t0 = time.perf_counter()
         answers, tokens = module.generate_answers(model, tok, test, args.max_new_tokens, batch)
         seconds = time.perf_counter() - t0
         reference = reference or answers
         same = sum(a == b for a, b in zip(answers, reference))
-        decode = [s for s in steps if s]
+        timed = [(s, t) for s, t in zip(steps, seconds_of_step) if s]
+        decode = [s for s, _ in timed]
         rows, held, real = (sum(s[k] for s in decode) for k in range(3))
+        in_steps = sum(t for _, t in timed)
         print(
             f"{name:<7} batch {batch:>3}: {seconds:7.1f} s  {tokens:6d} tokens  {tokens / seconds:6.1f} tokens/s  "
             f"answers equal to before's: {same}/{len(answers)}  decode steps {len(decode)}, "
-            f"{rows / len(decode):.1f} rows each, padding {1 - real / held:.0%} of the positions attended",
+            f"{rows / len(decode):.1f} rows each, padding {1 - real / held:.0%} of the positions attended; "
+            f"{in_steps:.1f} s in decode steps, {seconds - in_steps:.1f} s in prefills and between steps",
             flush=True,
         )
-    hook.remove()
+        if args.by_rows:
+            print_by_rows(timed)
+    for hook in hooks:
+        hook.remove()
     return 0
+
+
+def print_by_rows(timed: list[tuple[tuple[int, int, int], float]], width: int = 16) -> None:
+    """Decode steps grouped by the rows they carried: steps, seconds, ms a step, answer tokens/s."""
+    buckets: dict[int, list[float]] = {}
+    for (rows, _, _), seconds in timed:
+        b = buckets.setdefault(rows // width * width, [0, 0.0, 0])
+        b[0], b[1], b[2] = b[0] + 1, b[1] + seconds, b[2] + rows
+    for low, (n, seconds, rows) in sorted(buckets.items()):
+        print(
+            f"    rows {low:>3}-{low + width - 1:>3}: {n:4d} steps {seconds:6.1f} s  {1000 * seconds / n:6.1f} ms a step"
+            f"  {rows / seconds:6.1f} tokens/s"
+        )
 
 
 def decode_step(kwargs: dict) -> tuple[int, int, int] | None:
@@ -105,8 +137,7 @@ def decode_step(kwargs: dict) -> tuple[int, int, int] | None:
     if kwargs["input_ids"].shape[1] != 1:
         return None
     cache = kwargs.get("cache", kwargs.get("past_key_values"))  # the earlier revisions' transformers named it so
-    groups = getattr(cache.layers[0], "groups", None)
-    masks = [g.mask for g in groups] if groups else [kwargs["attention_mask"]]
+    masks = [g.mask for g in generation.step_row_groups(cache)] or [kwargs["attention_mask"]]
     return sum(len(m) for m in masks), sum(m.numel() for m in masks), sum(int(m.sum()) for m in masks)
 
 

@@ -7,6 +7,13 @@ identical fp32 answers leave on this CPU. SmolLM2-135M (fp32 unless --bf16), the
 the data first, as a run answers them:
 
     python benchmarks/profile_decode.py --n 128 --max_new_tokens 128 --batch_size 64
+
+`--run RUN` answers with a run's base + merged adapter and its test prompts, as the run did
+(benchmarks/bench_decode_batch.py's prompts). `--steps A:B` profiles decode steps A to B-1 alone (the
+prefills and every other step run unprofiled): one stretch of a whole 500-prompt decode at the rows it
+really carries, where profiling all of it holds every event in memory (past 24 GB at 192 prompts).
+
+    python benchmarks/profile_decode.py --run RUN --n 500 --steps 150:190 --rows 30
 """
 
 from __future__ import annotations
@@ -24,10 +31,13 @@ from torch.profiler import ProfilerActivity, profile
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))  # run from a checkout without installing
 
-from oloraplus.data import load_records, prompt_ids  # noqa: E402
+from bench_decode_batch import decode_step  # noqa: E402
+
+from oloraplus.data import load_records, prompt_ids, split_indices  # noqa: E402
 from oloraplus.generation import greedy_decode  # noqa: E402
-from oloraplus.models import load_base  # noqa: E402
+from oloraplus.models import decoder_and_head, load_base  # noqa: E402
 from oloraplus.precision import autocast_context, lean_process, store_frozen_weights_bf16  # noqa: E402
+from oloraplus.prepare import load_tuned  # noqa: E402
 
 DEFAULT_DATA = os.environ.get("OLORAPLUS_DATA") or str(
     REPO.parent / "shared" / "data" / "alpaca" / "alpaca_sample.json"
@@ -49,26 +59,74 @@ def packed_linear_flops(prof) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=DEFAULT_DATA)
-    p.add_argument("--n", type=int, default=128, help="prompts (the first n records)")
+    p.add_argument("--n", type=int, default=128, help="prompts (the first n records; with --run the test split of n)")
     p.add_argument("--max_new_tokens", type=int, default=128)
     p.add_argument("--batch_size", type=int, default=64, help="the eval batch size (the run's default)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast, frozen weights stored in bf16")
     p.add_argument("--rows", type=int, default=15)
+    p.add_argument("--run", help="a run folder: its base + merged adapter, its test prompts [the base model]")
+    p.add_argument("--steps", help="A:B, profile decode steps A to B-1 alone (counted from 1) [every step]")
     a = p.parse_args()
     lean_process()
-    model, tok = load_base("smollm2-135m")
+    if a.run:
+        model, tok = load_tuned(a.run)[:2]
+        records = load_records(a.data)
+        records = [records[i] for i in split_indices(len(records), 0, a.n, 0.0, 42, a.data).test]
+    else:
+        model, tok = load_base("smollm2-135m")
+        records = load_records(a.data)[: a.n]
     model.eval().requires_grad_(False)
     if a.bf16:
         store_frozen_weights_bf16(model)
-    prompts = sorted((prompt_ids(tok, r) for r in load_records(a.data)[: a.n]), key=lambda q: -len(q))
-    with (
-        profile(activities=[ProfilerActivity.CPU], with_flops=True, record_shapes=True) as prof,
-        autocast_context(model, a.bf16),
-    ):
+    prompts = sorted((prompt_ids(tok, r) for r in records), key=lambda q: -len(q))
+    prof = profile(activities=[ProfilerActivity.CPU], with_flops=True, record_shapes=True)
+    first, end = map(int, a.steps.split(":")) if a.steps else (0, 0)
+    window = {"step": 0, "rows": 0, "seconds": 0.0, "prefills": 0}
+
+    def before_step(_, args, kwargs):
+        step = decode_step(kwargs)
+        if step is None:
+            return
+        window["step"] += 1
+        if window["step"] == first:
+            prof.start()
+        if first <= window["step"] < end:
+            window["rows"] += step[0]
+            window["seconds"] -= time.perf_counter()
+
+    def after_step(_, args, kwargs, output):
+        if kwargs["input_ids"].shape[1] == 1 and first <= window["step"] < end:
+            window["seconds"] += time.perf_counter()
+            if window["step"] == end - 1:
+                prof.stop()
+
+    def prefill(_, args, kwargs):  # a refill inside the window: its matmuls are in the profile too
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        window["prefills"] += ids is not None and ids.shape[1] > 1 and first <= window["step"] < end
+
+    hooks = [
+        model.register_forward_pre_hook(before_step, with_kwargs=True),
+        model.register_forward_hook(after_step, with_kwargs=True),
+        decoder_and_head(model)[0].register_forward_pre_hook(prefill, with_kwargs=True),
+    ]
+    with autocast_context(model, a.bf16):
+        if not a.steps:
+            prof.start()
         start = time.perf_counter()
         answers = greedy_decode(model, prompts, a.max_new_tokens, tok.eos_token_id, tok.pad_token_id, a.batch_size)
         seconds = time.perf_counter() - start
+        if not a.steps:
+            prof.stop()
+    for hook in hooks:
+        hook.remove()
     tokens = sum(len(x) for x in answers)
+    if a.steps:  # the window's own: the answer tokens its steps produced, in the time they took
+        print(
+            f"decode steps {first} to {end - 1}: {window['rows'] / (end - first):.1f} rows a step, "
+            f"{1000 * window['seconds'] / (end - first):.1f} ms a step under the profiler, {window['prefills']} "
+            f"prefills among them (profiled too, not timed); the whole decode {tokens} tokens in {seconds:.1f} s"
+        )
+        tokens, seconds = window["rows"], window["seconds"]
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events) / 1e6
     mm = [e for e in events if e.key in MATMULS or e.key == PACKED_LINEAR]

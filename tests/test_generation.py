@@ -168,8 +168,7 @@ def test_moved_rows_keep_their_cache_and_the_padding_no_row_needs_goes():
 
 def _held_positions(cache) -> tuple[int, int]:
     """(cache positions held, row groups) of a decode step's cache: one group's, or every group's of a grouped one."""
-    groups = getattr(cache.layers[0], "groups", None)
-    caches = [g.cache for g in groups] if groups else [cache]
+    caches = [g.cache for g in generation.step_row_groups(cache)] or [cache]
     return sum(c.layers[0].keys.shape[0] * c.layers[0].keys.shape[-2] for c in caches), len(caches)
 
 

@@ -360,6 +360,11 @@ def grouped_cache(model: PreTrainedModel, groups: list[RowGroup]) -> DynamicCach
     return cache
 
 
+def step_row_groups(cache: DynamicCache) -> list[RowGroup]:
+    """The row groups a decode step's cache runs side by side (`grouped_cache`); [] for one group's own cache."""
+    return list(getattr(cache.layers[0], "groups", [])) if cache.layers else []
+
+
 def rows_that_fit(prompts: list[list[int]], free: int, max_rows: int, extra: int) -> tuple[int, int]:
     """How many of `prompts` (from the first) join as one group within `free` cache positions, each row counted
     at its group's longest prompt + `extra`; and that longest prompt. At least one (the caller checks it runs alone)."""
