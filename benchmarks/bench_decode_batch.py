@@ -72,34 +72,22 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     print(f"{cpu}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}")
-    records = load_records(args.data)
-    test = [records[i] for i in split_indices(len(records), 0, args.n, 0.0, 42, args.data).test]
-    model, tok = load_tuned(args.run)[:2] if args.run else load_base("smollm2-135m")
+    test = test_records(args.data, args.n)
+    model, tok = answering_model(args.run)
     before = decoder_of(args.before_rev)
     generation.generate_answers(model, tok, test[:2], 4, 2)  # warm-up
     sides = [("before", before, args.before_batch_size)]
     sides += [("ours", generation, int(b)) for b in args.batch_sizes.split(",")]
     reference = None
-    steps: list[tuple[int, int, int] | None] = []
-    seconds_of_step: list[float] = []  # each model forward's, decode steps and padded prefills alike
-    hooks = [
-        model.register_forward_pre_hook(
-            lambda _, args, kwargs: steps.append(decode_step(kwargs)) or seconds_of_step.append(-time.perf_counter()),
-            with_kwargs=True,
-        ),
-        model.register_forward_hook(
-            lambda *_: seconds_of_step.__setitem__(-1, seconds_of_step[-1] + time.perf_counter())
-        ),
-    ]
+    forwards = TimedForwards(model)
     for name, module, batch in sides * args.repeats:
-        steps.clear()
-        seconds_of_step.clear()
+        forwards.records.clear()
         t0 = time.perf_counter()
         answers, tokens = module.generate_answers(model, tok, test, args.max_new_tokens, batch)
         seconds = time.perf_counter() - t0
         reference = reference or answers
         same = sum(a == b for a, b in zip(answers, reference))
-        timed = [(s, t) for s, t in zip(steps, seconds_of_step) if s]
+        timed = forwards.decode_steps()
         decode = [s for s, _ in timed]
         rows, held, real = (sum(s[k] for s in decode) for k in range(3))
         in_steps = sum(t for _, t in timed)
@@ -112,9 +100,46 @@ def main(argv: list[str] | None = None) -> int:
         )
         if args.by_rows:
             print_by_rows(timed)
-    for hook in hooks:
-        hook.remove()
+    forwards.remove()
     return 0
+
+
+def test_records(data: str, n: int) -> list[dict[str, str]]:
+    """The test prompts the decode benchmarks share: a test split of `n` records (seed 42, no training split)."""
+    records = load_records(data)
+    return [records[i] for i in split_indices(len(records), 0, n, 0.0, 42, data).test]
+
+
+def answering_model(run: str | None):
+    """(model, tokenizer) to answer with: a run's base + merged adapter, as the run answered; else the base model."""
+    return load_tuned(run)[:2] if run else load_base("smollm2-135m")
+
+
+class TimedForwards:
+    """Every forward of `model` while attached, timed by hooks: [decode_step of its inputs (None: a prefill), seconds].
+
+    The packed prefill calls the decoder, not the model, so its time is outside every record."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.records: list[list] = []
+        self._hooks = [
+            model.register_forward_pre_hook(self._start, with_kwargs=True),
+            model.register_forward_hook(self._end),
+        ]
+
+    def _start(self, _, args, kwargs) -> None:
+        self.records.append([decode_step(kwargs), -time.perf_counter()])
+
+    def _end(self, *_) -> None:
+        self.records[-1][1] += time.perf_counter()
+
+    def decode_steps(self) -> list[tuple[tuple[int, int, int], float]]:
+        """(rows, positions attended, real positions) and seconds of each decode step so far."""
+        return [(step, seconds) for step, seconds in self.records if step]
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
 
 
 def print_by_rows(timed: list[tuple[tuple[int, int, int], float]], width: int = 16) -> None:

@@ -40,12 +40,12 @@ from transformers.models.llama.modeling_llama import eager_attention_forward
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))  # run from a checkout without installing
 
+from bench_decode_batch import answering_model, test_records  # noqa: E402
+
 from oloraplus import packing  # noqa: E402
-from oloraplus.data import load_records, prompt_ids, split_indices  # noqa: E402
+from oloraplus.data import prompt_ids  # noqa: E402
 from oloraplus.generation import greedy_decode  # noqa: E402
-from oloraplus.models import load_base  # noqa: E402
 from oloraplus.precision import lean_process  # noqa: E402
-from oloraplus.prepare import load_tuned  # noqa: E402
 
 DEFAULT_DATA = os.environ.get("OLORAPLUS_DATA") or str(
     REPO.parent / "shared" / "data" / "alpaca" / "alpaca_sample.json"
@@ -143,10 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     lean_process()
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     print(f"{cpu}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}")
-    records = load_records(args.data)
-    model, tok = load_tuned(args.run)[:2] if args.run else load_base("smollm2-135m")
+    model, tok = answering_model(args.run)
     model.eval().requires_grad_(False)
-    test = [records[i] for i in split_indices(len(records), 0, args.n, 0.0, 42, args.data).test]
+    test = test_records(args.data, args.n)
     prompts = sorted((prompt_ids(tok, r) for r in test), key=lambda q: -len(q))  # as a run orders them
     reference = None
     for attempt in range(args.repeats):

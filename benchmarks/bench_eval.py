@@ -36,8 +36,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))  # run from a checkout without installing
 
+from bench_decode_batch import test_records  # noqa: E402
+
 from oloraplus import adapters  # noqa: E402
-from oloraplus.data import load_records, prompt_ids, split_indices  # noqa: E402
+from oloraplus.data import prompt_ids  # noqa: E402
 from oloraplus.evaluate import corpus_loss, example_losses  # noqa: E402
 from oloraplus.generation import generate_answers  # noqa: E402
 from oloraplus.models import load_base  # noqa: E402
@@ -165,8 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}, "
         f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
     )
-    records = load_records(args.data)
-    test = [records[i] for i in split_indices(len(records), 0, args.n, 0.0, 42, args.data).test]
+    test = test_records(args.data, args.n)
     model, tok = load_base(args.model)
     original = copy.deepcopy(model)
     peft_model = perturbed_olora(model, args.rank, args.alpha, args.perturb, args.seed)

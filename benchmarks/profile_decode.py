@@ -31,17 +31,13 @@ from torch.profiler import ProfilerActivity, profile
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))  # run from a checkout without installing
 
-from bench_decode_batch import decode_step  # noqa: E402
+from bench_decode_batch import DEFAULT_DATA, TimedForwards, answering_model, test_records  # noqa: E402
 
-from oloraplus.data import load_records, prompt_ids, split_indices  # noqa: E402
+from oloraplus.data import load_records, prompt_ids  # noqa: E402
 from oloraplus.generation import greedy_decode  # noqa: E402
-from oloraplus.models import decoder_and_head, load_base  # noqa: E402
+from oloraplus.models import decoder_and_head  # noqa: E402
 from oloraplus.precision import autocast_context, lean_process, store_frozen_weights_bf16  # noqa: E402
-from oloraplus.prepare import load_tuned  # noqa: E402
 
-DEFAULT_DATA = os.environ.get("OLORAPLUS_DATA") or str(
-    REPO.parent / "shared" / "data" / "alpaca" / "alpaca_sample.json"
-)
 MATMULS = ("aten::mm", "aten::addmm", "aten::bmm")
 PACKED_LINEAR = "mkldnn::_linear_pointwise"  # generation.linears_in_onednn: the profiler counts no FLOPs for it
 
@@ -68,45 +64,34 @@ def main() -> None:
     p.add_argument("--steps", help="A:B, profile decode steps A to B-1 alone (counted from 1) [every step]")
     a = p.parse_args()
     lean_process()
-    if a.run:
-        model, tok = load_tuned(a.run)[:2]
-        records = load_records(a.data)
-        records = [records[i] for i in split_indices(len(records), 0, a.n, 0.0, 42, a.data).test]
-    else:
-        model, tok = load_base("smollm2-135m")
-        records = load_records(a.data)[: a.n]
+    model, tok = answering_model(a.run)
+    records = test_records(a.data, a.n) if a.run else load_records(a.data)[: a.n]
     model.eval().requires_grad_(False)
     if a.bf16:
         store_frozen_weights_bf16(model)
     prompts = sorted((prompt_ids(tok, r) for r in records), key=lambda q: -len(q))
     prof = profile(activities=[ProfilerActivity.CPU], with_flops=True, record_shapes=True)
     first, end = map(int, a.steps.split(":")) if a.steps else (0, 0)
-    window = {"step": 0, "rows": 0, "seconds": 0.0, "prefills": 0}
+    forwards = TimedForwards(model)
+    window = {"on": False, "prefills": 0}
 
-    def before_step(_, args, kwargs):
-        step = decode_step(kwargs)
-        if step is None:
-            return
-        window["step"] += 1
-        if window["step"] == first:
+    def start_window(_, args, kwargs):  # before the step's timing starts (prepended)
+        if kwargs["input_ids"].shape[1] == 1 and len(forwards.decode_steps()) + 1 == first:
             prof.start()
-        if first <= window["step"] < end:
-            window["rows"] += step[0]
-            window["seconds"] -= time.perf_counter()
+            window["on"] = True
 
-    def after_step(_, args, kwargs, output):
-        if kwargs["input_ids"].shape[1] == 1 and first <= window["step"] < end:
-            window["seconds"] += time.perf_counter()
-            if window["step"] == end - 1:
-                prof.stop()
+    def stop_window(_, args, kwargs, output):  # after the step's timing ends
+        if window["on"] and len(forwards.decode_steps()) == end - 1:
+            prof.stop()
+            window["on"] = False
 
     def prefill(_, args, kwargs):  # a refill inside the window: its matmuls are in the profile too
         ids = kwargs.get("input_ids", args[0] if args else None)
-        window["prefills"] += ids is not None and ids.shape[1] > 1 and first <= window["step"] < end
+        window["prefills"] += window["on"] and ids is not None and ids.shape[1] > 1
 
     hooks = [
-        model.register_forward_pre_hook(before_step, with_kwargs=True),
-        model.register_forward_hook(after_step, with_kwargs=True),
+        model.register_forward_pre_hook(start_window, with_kwargs=True, prepend=True),
+        model.register_forward_hook(stop_window, with_kwargs=True),
         decoder_and_head(model)[0].register_forward_pre_hook(prefill, with_kwargs=True),
     ]
     with autocast_context(model, a.bf16):
@@ -119,14 +104,17 @@ def main() -> None:
             prof.stop()
     for hook in hooks:
         hook.remove()
+    forwards.remove()
     tokens = sum(len(x) for x in answers)
     if a.steps:  # the window's own: the answer tokens its steps produced, in the time they took
+        steps = forwards.decode_steps()[first - 1 : end - 1]
+        rows, in_steps = sum(step[0] for step, _ in steps), sum(t for _, t in steps)
         print(
-            f"decode steps {first} to {end - 1}: {window['rows'] / (end - first):.1f} rows a step, "
-            f"{1000 * window['seconds'] / (end - first):.1f} ms a step under the profiler, {window['prefills']} "
+            f"decode steps {first} to {end - 1}: {rows / len(steps):.1f} rows a step, "
+            f"{1000 * in_steps / len(steps):.1f} ms a step under the profiler, {window['prefills']} "
             f"prefills among them (profiled too, not timed); the whole decode {tokens} tokens in {seconds:.1f} s"
         )
-        tokens, seconds = window["rows"], window["seconds"]
+        tokens, seconds = rows, in_steps
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events) / 1e6
     mm = [e for e in events if e.key in MATMULS or e.key == PACKED_LINEAR]
