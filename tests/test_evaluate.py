@@ -95,3 +95,35 @@ def test_evaluation_runs_on_this_process_gpu_where_there_is_one(monkeypatch):
     assert compute_device() == torch.device("cuda", 1)
     monkeypatch.delenv("LOCAL_RANK")
     assert compute_device() == torch.device("cuda", 0)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="a torch build without oneDNN")
+def test_test_loss_through_onednn_runs_every_linear_there_head_included_and_moves_only_by_rounding(monkeypatch):
+    """Forced on (whatever this CPU's rule): every Linear's forward, the LM head's in the chunked loss too, is
+    oneDNN's, the losses agree with MKL's to float rounding, and each module gets its weight back; bf16 keeps it off."""
+    from oloraplus import generation
+
+    model, tok = _tiny()
+    calls = []
+    made = generation.onednn_forward
+
+    def counted(linear):
+        forward = made(linear)
+        counted_forward = lambda x: calls.append(linear) or forward(x)  # noqa: E731
+        counted_forward.packed = forward.packed
+        return counted_forward
+
+    monkeypatch.setattr(generation, "onednn_forward", counted)
+    plain = example_losses(model, tok, RECS, max_length=256, batch_size=2, onednn="none")
+    assert calls == []
+    weights = [m.weight.detach().clone() for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    ours = example_losses(model, tok, RECS, max_length=256, batch_size=2, onednn="all")
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert {id(m) for m in calls} == {id(m) for m in linears}
+    assert all("forward" not in vars(m) for m in linears)
+    assert all(torch.equal(m.weight, w) for m, w in zip(linears, weights))
+    for (s, n), (a, m) in zip(ours, plain):
+        assert n == m and s == pytest.approx(a, rel=1e-5)
+    calls.clear()
+    example_losses(model, tok, RECS[:1], max_length=256, batch_size=2, bf16=True, onednn="all")
+    assert calls == []

@@ -21,7 +21,7 @@ from oloraplus.data import PadCollator, length_sorted_batches, tokenize_example
 from oloraplus.distributed import ALONE, Ranks
 from oloraplus.errors import OLoRAPlusError
 from oloraplus.fsutil import atomic_write_json, atomic_write_jsonl
-from oloraplus.generation import generate_answers
+from oloraplus.generation import generate_answers, linears_in_onednn, onednn_linears_pay
 from oloraplus.loss import batch_token_losses
 from oloraplus.models import compute_device
 from oloraplus.packing import PackCollator, can_pack, example_bounds, use_packed_attention
@@ -47,6 +47,7 @@ def example_losses(
     batch_size: int,
     bf16: bool = False,
     ranks: Ranks = ALONE,
+    onednn: str | None = None,
 ) -> list[tuple[float, int]]:
     """(summed response-token loss, response tokens) per record; (nan, 0) where truncation left none.
 
@@ -54,6 +55,10 @@ def example_losses(
     others right-padded ones; the sums agree to float rounding. Under torchrun (`ranks`) each
     rank runs every world-th batch of the same length-sorted batches, so each record's loss
     comes from the very batch it has on one process: the same numbers, on every rank.
+    `onednn`: which Linears run through oneDNN, as when answering (`generation.linears_in_onednn`); None: all of
+    them where answering runs all of them there (Zen 3), else none: the test loss was measured there alone.
+    A loss is not an answer: oneDNN moves it by float rounding only (SmolLM2's 500 test examples on Zen 3:
+    8e-10 relative, 1.09x and 1.11x faster; benchmarks/bench_test_loss.py).
     """
     model.eval()
     examples = [tokenize_example(tokenizer, r, max_length) for r in records]
@@ -68,7 +73,11 @@ def example_losses(
     def losses_of(share: list[list[int]]) -> list[list[tuple[float, int]]]:
         return [_batch_losses(model, [examples[kept[j]] for j in ids], collate, packed, bf16) for ids in share]
 
-    for ids, results in zip(batches, ranks.map_shared(losses_of, batches)):
+    if onednn is None:
+        onednn = "all" if onednn_linears_pay() == "all" else "none"
+    with linears_in_onednn(model, "none" if bf16 else onednn):
+        shared = ranks.map_shared(losses_of, batches)
+    for ids, results in zip(batches, shared):
         for j, result in zip(ids, results):
             out[kept[j]] = result
     return out

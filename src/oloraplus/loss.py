@@ -32,15 +32,20 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int) -> torch.Tensor:
+    def forward(
+        ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int, head: torch.nn.Module
+    ) -> torch.Tensor:
         losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        # no gradient (the test loss): the head's own forward, which generation.linears_in_onednn may have
+        # moved to oneDNN; training keeps the matmul its adapters were trained with, bit for bit
+        logits_of = (lambda h: h @ weight.t()) if grad is not None else head
         # the dtype autocast would run this matmul in: a head stored in bf16 is then not cast up and back per chunk
         device = hidden.device.type
         mm_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
         for s in range(0, hidden.shape[0], rows):
             h, t = hidden[s : s + rows], targets[s : s + rows]
-            logits = (h @ weight.t()).float()  # under autocast: a bf16 matmul, like the head's own forward
+            logits = logits_of(h).float()  # under autocast: a bf16 matmul, like the head's own forward
             lse = torch.logsumexp(logits, dim=-1)
             losses[s : s + rows] = lse - logits.gather(1, t[:, None]).squeeze(1)
             if grad is not None:
@@ -53,7 +58,7 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_losses: torch.Tensor):
         (grad,) = ctx.saved_tensors
-        return grad * grad_losses[:, None].to(grad.dtype), None, None, None
+        return grad * grad_losses[:, None].to(grad.dtype), None, None, None, None
 
 
 def head_token_losses(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -63,8 +68,9 @@ def head_token_losses(head: torch.nn.Module, hidden: torch.Tensor, targets: torc
     # still says requires_grad, yet no gradient flows: chunked, or the logits of every token live at once
     if (weight.requires_grad and torch.is_grad_enabled()) or getattr(head, "bias", None) is not None:
         return F.cross_entropy(head(hidden).float(), targets, reduction="none")
-    rows = max(1, LOGITS_CHUNK_BYTES // (4 * weight.shape[0]))
-    return _FrozenHeadCrossEntropy.apply(hidden, weight, targets, rows)
+    # out_features: an untied head answering through oneDNN holds its weight packed, its dense one dropped
+    rows = max(1, LOGITS_CHUNK_BYTES // (4 * getattr(head, "out_features", weight.shape[0])))
+    return _FrozenHeadCrossEntropy.apply(hidden, weight, targets, rows, head)
 
 
 def response_token_losses(
