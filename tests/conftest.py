@@ -75,6 +75,23 @@ def build_tokenizer(chat_template: bool = True):
     return fast
 
 
+def count_onednn_calls(monkeypatch) -> list:
+    """The Linears whose oneDNN forward (generation.onednn_forward) runs from now on, once per call."""
+    from oloraplus import generation
+
+    calls = []
+    made = generation.onednn_forward
+
+    def counted(linear):
+        forward = made(linear)
+        counted_forward = lambda x: calls.append(linear) or forward(x)  # noqa: E731
+        counted_forward.packed = forward.packed
+        return counted_forward
+
+    monkeypatch.setattr(generation, "onednn_forward", counted)
+    return calls
+
+
 def build_tiny_llama(vocab_size: int, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 

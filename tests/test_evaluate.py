@@ -5,7 +5,7 @@ import math
 import pytest
 import sacrebleu
 import torch
-from conftest import build_tiny_llama, build_tokenizer
+from conftest import build_tiny_llama, build_tokenizer, count_onednn_calls
 from rouge_score import rouge_scorer
 
 from oloraplus.evaluate import corpus_loss, example_losses
@@ -101,19 +101,8 @@ def test_evaluation_runs_on_this_process_gpu_where_there_is_one(monkeypatch):
 def test_test_loss_through_onednn_runs_every_linear_there_head_included_and_moves_only_by_rounding(monkeypatch):
     """Forced on (whatever this CPU's rule): every Linear's forward, the LM head's in the chunked loss too, is
     oneDNN's, the losses agree with MKL's to float rounding, and each module gets its weight back; bf16 keeps it off."""
-    from oloraplus import generation
-
     model, tok = _tiny()
-    calls = []
-    made = generation.onednn_forward
-
-    def counted(linear):
-        forward = made(linear)
-        counted_forward = lambda x: calls.append(linear) or forward(x)  # noqa: E731
-        counted_forward.packed = forward.packed
-        return counted_forward
-
-    monkeypatch.setattr(generation, "onednn_forward", counted)
+    calls = count_onednn_calls(monkeypatch)
     plain = example_losses(model, tok, RECS, max_length=256, batch_size=2, onednn="none")
     assert calls == []
     weights = [m.weight.detach().clone() for m in model.modules() if isinstance(m, torch.nn.Linear)]

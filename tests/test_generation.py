@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import build_tiny_llama
+from conftest import build_tiny_llama, count_onednn_calls
 from test_packing import _features, _tiny_gemma3
 from transformers import GenerationConfig
 
@@ -37,16 +37,7 @@ def test_linears_in_onednn_give_generates_tokens_and_are_put_back(monkeypatch, w
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     weights = [m.weight.detach().clone() for m in linears]
     prompts = [t["input_ids"] for t in _features([7, 4, 9, 5], seed=1)]
-    calls = []
-    made = generation.onednn_forward
-
-    def counted(linear):
-        forward = made(linear)
-        counted_forward = lambda x: calls.append(linear) or forward(x)  # noqa: E731
-        counted_forward.packed = forward.packed
-        return counted_forward
-
-    monkeypatch.setattr(generation, "onednn_forward", counted)
+    calls = count_onednn_calls(monkeypatch)
     eos = greedy_decode(model, prompts, 8, eos_token_id=-1, pad_token_id=2, onednn="none")[0][2]
     assert calls == []
     ours = greedy_decode(model, prompts, 8, eos_token_id=eos, pad_token_id=2, batch_size=2, onednn=which)
