@@ -58,7 +58,7 @@ def example_losses(
     `onednn`: which Linears run through oneDNN, as when answering (`generation.linears_in_onednn`); None: all of
     them where answering runs all of them there (Zen 3), else none: the test loss was measured there alone.
     A loss is not an answer: oneDNN moves it by float rounding only (SmolLM2's 500 test examples on Zen 3:
-    8e-10 relative, 1.09x and 1.11x faster; benchmarks/bench_test_loss.py).
+    8e-10 relative, 1.09x to 1.18x faster in four pairs; benchmarks/bench_test_loss.py).
     """
     model.eval()
     examples = [tokenize_example(tokenizer, r, max_length) for r in records]

@@ -37,15 +37,15 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
     ) -> torch.Tensor:
         losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        # no gradient (the test loss): the head's own forward, which generation.linears_in_onednn may have
-        # moved to oneDNN; training keeps the matmul its adapters were trained with, bit for bit
-        logits_of = (lambda h: h @ weight.t()) if grad is not None else head
         # the dtype autocast would run this matmul in: a head stored in bf16 is then not cast up and back per chunk
         device = hidden.device.type
         mm_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
         for s in range(0, hidden.shape[0], rows):
             h, t = hidden[s : s + rows], targets[s : s + rows]
-            logits = logits_of(h).float()  # under autocast: a bf16 matmul, like the head's own forward
+            # no gradient (the test loss): the head's own forward, which generation.linears_in_onednn may have moved
+            # to oneDNN; training keeps the matmul its adapters were trained with, bit for bit. Under autocast
+            # either is a bf16 matmul, like the head's own forward
+            logits = (h @ weight.t() if grad is not None else head(h)).float()
             lse = torch.logsumexp(logits, dim=-1)
             losses[s : s + rows] = lse - logits.gather(1, t[:, None]).squeeze(1)
             if grad is not None:
