@@ -116,3 +116,18 @@ def test_test_loss_through_onednn_runs_every_linear_there_head_included_and_move
     calls.clear()
     example_losses(model, tok, RECS[:1], max_length=256, batch_size=2, bf16=True, onednn="all")
     assert calls == []
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="a torch build without oneDNN")
+@pytest.mark.parametrize("rule, through_onednn", [(None, False), ("head", True), ("all", True)])
+def test_test_loss_by_default_runs_every_linear_through_onednn_on_the_cpus_measured(monkeypatch, rule, through_onednn):
+    """The default follows the CPU: every Linear where answering uses oneDNN at all (Zen 3's "all" and Zen 4's "head":
+    the test loss was measured faster with every Linear on both), MKL where answering keeps MKL (None)."""
+    from oloraplus import evaluate
+
+    model, tok = _tiny()
+    monkeypatch.setattr(evaluate, "onednn_linears_pay", lambda: rule)
+    calls = count_onednn_calls(monkeypatch)
+    example_losses(model, tok, RECS[:2], max_length=256, batch_size=2)
+    linears = {id(m) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    assert {id(m) for m in calls} == (linears if through_onednn else set())

@@ -56,9 +56,10 @@ def example_losses(
     rank runs every world-th batch of the same length-sorted batches, so each record's loss
     comes from the very batch it has on one process: the same numbers, on every rank.
     `onednn`: which Linears run through oneDNN, as when answering (`generation.linears_in_onednn`); None: all of
-    them where answering runs all of them there (Zen 3), else none: the test loss was measured there alone.
-    A loss is not an answer: oneDNN moves it by float rounding only (SmolLM2's 500 test examples on Zen 3:
-    8e-10 relative, 1.09x to 1.18x faster in four pairs; benchmarks/bench_test_loss.py).
+    them on the CPUs where answering uses oneDNN at all (Zen 3 and Zen 4, where the test loss was measured), else
+    none. A loss is not an answer: oneDNN moves it by float rounding only (benchmarks/bench_test_loss.py on
+    SmolLM2's 500 test examples: Zen 3 8e-10 relative, 1.09x to 1.18x faster in four pairs; Zen 4 1.4e-9,
+    every Linear 1.22x and 1.20x in two pairs, the head alone 1.07x and 1.04x).
     """
     model.eval()
     examples = [tokenize_example(tokenizer, r, max_length) for r in records]
@@ -74,7 +75,7 @@ def example_losses(
         return [_batch_losses(model, [examples[kept[j]] for j in ids], collate, packed, bf16) for ids in share]
 
     if onednn is None:
-        onednn = "all" if onednn_linears_pay() == "all" else "none"
+        onednn = "none" if onednn_linears_pay() is None else "all"
     with linears_in_onednn(model, "none" if bf16 else onednn):
         shared = ranks.map_shared(losses_of, batches)
     for ids, results in zip(batches, shared):
