@@ -20,7 +20,8 @@ sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from bench_eval import baseline_answers, plain_losses  # noqa: E402
-from bench_train import DEFAULT_DATA, baseline_trainer  # noqa: E402
+from bench_train import baseline_trainer  # noqa: E402
+from common import DEFAULT_DATA  # noqa: E402
 
 from oloraplus.evaluate import corpus_loss  # noqa: E402
 from oloraplus.scoring import score_texts  # noqa: E402

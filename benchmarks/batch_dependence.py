@@ -11,7 +11,6 @@ largest |logit alone - logit in the batch| over the prompts, and the smallest to
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -20,13 +19,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))  # run from a checkout without installing
 
+from common import DEFAULT_DATA, machine_line  # noqa: E402
+
 from oloraplus.data import load_records, prompt_ids  # noqa: E402
 from oloraplus.generation import _left_padded  # noqa: E402
 from oloraplus.models import load_base  # noqa: E402
-
-DEFAULT_DATA = os.environ.get("OLORAPLUS_DATA") or str(
-    REPO.parent / "shared" / "data" / "alpaca" / "alpaca_sample.json"
-)
 
 
 @torch.no_grad()
@@ -53,8 +50,7 @@ def main() -> None:
         moved = max(moved, float((alone - batched[k]).abs().max()))
         top = alone.topk(2).values
         gaps.append(float(top[0] - top[1]))
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    print(f"{args.model}, {args.n} prompts, fp32, {args.threads} thread(s), {cpu}")
+    print(f"{args.model}, {args.n} prompts, fp32, {machine_line()}")
     print(f"largest |logit alone - in batch|: {moved:.3g} (largest |logit|: {float(batched.abs().max()):.3g})")
     print(f"smallest top-2 gap of the first answer token: {min(gaps):.3g}")
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 import subprocess
 import sys
 import tempfile
@@ -29,14 +28,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))  # run from a checkout without installing
 
+from common import DEFAULT_DATA, machine_line  # noqa: E402
+
 from oloraplus import generation  # noqa: E402
 from oloraplus.data import load_records, split_indices  # noqa: E402
 from oloraplus.models import load_base  # noqa: E402
 from oloraplus.prepare import load_tuned  # noqa: E402
-
-DEFAULT_DATA = os.environ.get("OLORAPLUS_DATA") or str(
-    REPO.parent / "shared" / "data" / "alpaca" / "alpaca_sample.json"
-)
 
 
 def decoder_of(rev: str):
@@ -70,8 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    print(f"{cpu}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}")
+    print(machine_line())
     test = test_records(args.data, args.n)
     model, tok = answering_model(args.run)
     before = decoder_of(args.before_rev)

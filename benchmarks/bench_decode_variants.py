@@ -28,7 +28,6 @@ the run's model, whose answers are those a run times, shorter than the base mode
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -41,15 +40,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))  # run from a checkout without installing
 
 from bench_decode_batch import answering_model, test_records  # noqa: E402
+from common import DEFAULT_DATA, machine_line  # noqa: E402
 
 from oloraplus import packing  # noqa: E402
 from oloraplus.data import prompt_ids  # noqa: E402
 from oloraplus.generation import greedy_decode  # noqa: E402
 from oloraplus.precision import lean_process  # noqa: E402
 
-DEFAULT_DATA = os.environ.get("OLORAPLUS_DATA") or str(
-    REPO.parent / "shared" / "data" / "alpaca" / "alpaca_sample.json"
-)
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # projections of one input
 
 
@@ -141,8 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             print(error, file=sys.stderr)
             return 2
     lean_process()
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    print(f"{cpu}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}")
+    print(machine_line())
     model, tok = answering_model(args.run)
     model.eval().requires_grad_(False)
     test = test_records(args.data, args.n)

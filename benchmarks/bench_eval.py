@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))  # run from a checkout without installing
 
 from bench_decode_batch import test_records  # noqa: E402
+from common import DEFAULT_DATA  # noqa: E402
 
 from oloraplus import adapters  # noqa: E402
 from oloraplus.data import prompt_ids  # noqa: E402
@@ -44,10 +45,6 @@ from oloraplus.evaluate import corpus_loss, example_losses  # noqa: E402
 from oloraplus.generation import generate_answers  # noqa: E402
 from oloraplus.models import load_base  # noqa: E402
 from oloraplus.scoring import score_texts  # noqa: E402
-
-DEFAULT_DATA = os.environ.get("OLORAPLUS_DATA") or str(
-    REPO.parent / "shared" / "data" / "alpaca" / "alpaca_sample.json"
-)
 
 
 @torch.no_grad()

@@ -22,9 +22,8 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = os.environ.get("OLORAPLUS_DATA") or str(
-    REPO.parent / "shared" / "data" / "alpaca" / "alpaca_sample.json"
-)
+from common import DEFAULT_DATA  # noqa: E402
+
 # one run with the margin set before anything is evaluated (the package reads it at each call)
 RUN = """
 import sys

@@ -26,6 +26,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))  # run from a checkout without installing
 
+from common import DEFAULT_DATA  # noqa: E402
+
 from oloraplus.adapters import attach_adapter  # noqa: E402
 from oloraplus.data import tokenize_records  # noqa: E402
 from oloraplus.fused_lora import use_fused_lora  # noqa: E402
@@ -35,9 +37,6 @@ from oloraplus.packing import PackCollator, can_pack, use_packed_attention  # no
 from oloraplus.precision import cpu_info, lean_process  # noqa: E402
 from oloraplus.records import load_records  # noqa: E402
 
-DEFAULT_DATA = os.environ.get("OLORAPLUS_DATA") or str(
-    REPO.parent / "shared" / "data" / "alpaca" / "alpaca_sample.json"
-)
 VARIANTS = {"peft": False, "fused": True}
 
 

@@ -25,14 +25,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))  # run from a checkout without installing
 
+from common import DEFAULT_DATA  # noqa: E402
+
 from oloraplus import adapters  # noqa: E402
 from oloraplus.data import IGNORE_INDEX, PadCollator, load_records, split_indices, tokenize_records  # noqa: E402
 from oloraplus.loss import response_token_losses  # noqa: E402
 from oloraplus.models import load_base  # noqa: E402
-
-DEFAULT_DATA = os.environ.get("OLORAPLUS_DATA") or str(
-    REPO.parent / "shared" / "data" / "alpaca" / "alpaca_sample.json"
-)
 
 
 def stock_loss(model, batch):

@@ -29,9 +29,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
-DEFAULT_DATA = os.environ.get("OLORAPLUS_DATA") or str(
-    REPO.parent / "shared" / "data" / "alpaca" / "alpaca_sample.json"
-)
+from common import DEFAULT_DATA  # noqa: E402
+
 LAYOUTS = ("padded", "single", "packed", "shared")
 
 

@@ -32,7 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_train import BEFORE_REV, DEFAULT_DATA, extract_revision  # noqa: E402
+from bench_train import BEFORE_REV, extract_revision  # noqa: E402
+from common import DEFAULT_DATA  # noqa: E402
 
 SHAPES = {
     "tinyllama": dict(

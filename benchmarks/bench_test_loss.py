@@ -13,20 +13,18 @@ its `onednn` (`generation.linears_in_onednn`'s), alternating, and prints the sec
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))  # run from a checkout without installing
 
-from bench_decode_batch import DEFAULT_DATA, answering_model, test_records  # noqa: E402
+from bench_decode_batch import answering_model, test_records  # noqa: E402
+from common import DEFAULT_DATA, machine_line  # noqa: E402
 
 from oloraplus.evaluate import corpus_loss, example_losses  # noqa: E402
-from oloraplus.precision import cpu_info, lean_process  # noqa: E402
+from oloraplus.precision import lean_process  # noqa: E402
 
 CHOICES = ("none", "head", "all")  # none: MKL for every Linear
 
@@ -46,11 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--onednn: unknown {', '.join(unknown)} (known: {', '.join(CHOICES)})", file=sys.stderr)
         return 2
     lean_process()
-    info = cpu_info()
-    print(
-        f"{info.get('model name', '?')} (family {info.get('cpu family')} model {info.get('model')}), "
-        f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}"
-    )
+    print(machine_line())
     model, tok = answering_model(args.run)
     model.eval().requires_grad_(False)
     records = test_records(args.data, args.n)

@@ -42,9 +42,8 @@ SRC = sys.argv[sys.argv.index("--src") + 1] if "--src" in sys.argv else str(REPO
 sys.path.insert(0, SRC)
 BEFORE_REV = "ea9ebf0"
 
-DEFAULT_DATA = os.environ.get("OLORAPLUS_DATA") or str(
-    REPO.parent / "shared" / "data" / "alpaca" / "alpaca_sample.json"
-)
+from common import DEFAULT_DATA  # noqa: E402
+
 SPLIT_SEED = 42  # our config's default split seed; the baseline uses the same split
 N_TEST = 1  # the test split only has to exist: our run evaluates it (eval loss on one example, no generation)
 

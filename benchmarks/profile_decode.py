@@ -31,7 +31,8 @@ from torch.profiler import ProfilerActivity, profile
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))  # run from a checkout without installing
 
-from bench_decode_batch import DEFAULT_DATA, TimedForwards, answering_model, test_records  # noqa: E402
+from bench_decode_batch import TimedForwards, answering_model, test_records  # noqa: E402
+from common import DEFAULT_DATA  # noqa: E402
 
 from oloraplus.data import load_records, prompt_ids  # noqa: E402
 from oloraplus.generation import greedy_decode  # noqa: E402

@@ -21,12 +21,11 @@ from torch.profiler import ProfilerActivity, profile
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))  # run from a checkout without installing
 
+from common import DEFAULT_DATA  # noqa: E402
+
 from oloraplus import train  # noqa: E402
 from oloraplus.cli import main  # noqa: E402
 
-DEFAULT_DATA = os.environ.get("OLORAPLUS_DATA") or str(
-    REPO.parent / "shared" / "data" / "alpaca" / "alpaca_sample.json"
-)
 FIRST, LAST, ROWS = 4, 12, 40
 
 
