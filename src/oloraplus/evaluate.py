@@ -55,9 +55,9 @@ def example_losses(
     others right-padded ones; the sums agree to float rounding. Under torchrun (`ranks`) each
     rank runs every world-th batch of the same length-sorted batches, so each record's loss
     comes from the very batch it has on one process: the same numbers, on every rank.
-    `onednn`: which Linears run through oneDNN, as when answering (`generation.linears_in_onednn`); None: all of
-    them on the CPUs where answering uses oneDNN at all (Zen 3 and Zen 4, where the test loss was measured), else
-    none. A loss is not an answer: oneDNN moves it by float rounding only (benchmarks/bench_test_loss.py on
+    `onednn`: which Linears run through oneDNN (`generation.linears_in_onednn`); None: as when answering on this
+    CPU (`generation.onednn_linears_pay`: every Linear on Zen 3 and Zen 4, where the test loss was measured too;
+    MKL elsewhere). A loss is not an answer: oneDNN moves it by float rounding only (benchmarks/bench_test_loss.py on
     SmolLM2's 500 test examples: Zen 3 8e-10 relative, 1.09x to 1.18x faster in four pairs; Zen 4 1.4e-9,
     every Linear 1.22x and 1.20x in two pairs, the head alone 1.07x and 1.04x).
     """
@@ -75,7 +75,7 @@ def example_losses(
         return [_batch_losses(model, [examples[kept[j]] for j in ids], collate, packed, bf16) for ids in share]
 
     if onednn is None:
-        onednn = "none" if onednn_linears_pay() is None else "all"
+        onednn = onednn_linears_pay() or "none"
     with linears_in_onednn(model, "none" if bf16 else onednn):
         shared = ranks.map_shared(losses_of, batches)
     for ids, results in zip(batches, shared):

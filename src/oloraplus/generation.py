@@ -98,21 +98,21 @@ PACK_ROWS = 64
 
 
 def onednn_linears_pay() -> str | None:
-    """Which Linears answer faster through oneDNN on this CPU: "all", "head", or None (MKL's sgemm for all).
+    """Which Linears answer faster through oneDNN on this CPU: "all", or None (MKL's sgemm for all).
 
     Only where measured, two AMD CPUs of family 25 (benchmarks/bench_decode_variants.py, every answer identical):
     - Zen 3 (no AVX-512): "all". MKL's sgemm packs the weight on every call: the LM head at 64-256 rows ran at
       56-60 GFLOP/s there, 84-117 in oneDNN on a weight packed once (benchmarks/bench_decode_matmuls.py); the
       base model's answers to 500 test prompts x 128 tokens: 121.6 -> 147.5 answer tokens/s, 500/500 identical;
       with row groups, a tuned model's: 1.13x and 1.17x in two tries, 500/500 identical.
-    - Zen 4 (AVX-512): "head", the 576 x 49,152 LM head alone: 193.6 -> 220.7 answer tokens/s at 128 prompts,
-      224.6 -> 231.7 at 500; every Linear in oneDNN was no faster than the head alone there.
+    - Zen 4 (AVX-512): "all" as well. Before the row groups the LM head alone gave the whole gain (193.6 -> 220.7
+      answer tokens/s at 128 prompts); with them, a tuned model's 500 answers ran 1.15x and 1.33x faster with every
+      Linear than with the head alone, in two interleaved tries, 500/500 identical.
     On Zen 5 the decode matmuls already ran at the fp32 peak; other CPUs are unmeasured: MKL stays there.
+    ("head" remains a choice of `linears_in_onednn`, for the benchmarks.)
     """
     info = cpu_info()
-    if info.get("vendor_id") != "AuthenticAMD" or info.get("cpu family") != "25":
-        return None
-    return "head" if "avx512f" in info.get("flags", "").split() else "all"
+    return "all" if info.get("vendor_id") == "AuthenticAMD" and info.get("cpu family") == "25" else None
 
 
 def onednn_forward(linear: torch.nn.Linear) -> Callable[[torch.Tensor], torch.Tensor]:
