@@ -16,8 +16,8 @@ than as an effect:
            into oneDNN's layout (`generation.linears_in_onednn`), instead of MKL's sgemm, which packs the
            weight on every call: decode steps stream all weights once per step; the run's default where
            `generation.onednn_linears_pay` says "all" (plain here keeps MKL for every Linear on every CPU);
-  onednn_head - the same for the LM head alone (a fifth of a step's FLOPs, its widest matmul): the default
-           where `onednn_linears_pay` says "head".
+  onednn_head - the same for the LM head alone (a fifth of a step's FLOPs, its widest matmul): Zen 4's
+           default until 2026-12-07, when every Linear measured faster there with the row groups.
 Variants combine with "+" (`onednn+eager`: every Linear in oneDNN and eager attention).
 Prints answer tokens/s per try and how many answers equal the first try of the first variant. SmolLM2-135M, fp32 (`--run RUN`:
 the run's model, whose answers are those a run times, shorter than the base model's):

@@ -123,10 +123,10 @@ def test_test_loss_through_onednn_runs_every_linear_there_head_included_and_move
 def test_test_loss_by_default_runs_every_linear_through_onednn_on_the_cpus_measured(monkeypatch, rule, through_onednn):
     """The default follows answering's rule for the CPU: every Linear where it says "all" (Zen 3 and Zen 4, where the
     test loss was measured faster that way too), MKL where it keeps MKL (None)."""
-    from oloraplus import evaluate
+    from oloraplus import generation
 
     model, tok = _tiny()
-    monkeypatch.setattr(evaluate, "onednn_linears_pay", lambda: rule)
+    monkeypatch.setattr(generation, "onednn_linears_pay", lambda: rule)
     calls = count_onednn_calls(monkeypatch)
     example_losses(model, tok, RECS[:2], max_length=256, batch_size=2)
     linears = {id(m) for m in model.modules() if isinstance(m, torch.nn.Linear)}

@@ -21,7 +21,7 @@ from oloraplus.data import PadCollator, length_sorted_batches, tokenize_example
 from oloraplus.distributed import ALONE, Ranks
 from oloraplus.errors import OLoRAPlusError
 from oloraplus.fsutil import atomic_write_json, atomic_write_jsonl
-from oloraplus.generation import generate_answers, linears_in_onednn, onednn_linears_pay
+from oloraplus.generation import generate_answers, linears_in_onednn
 from oloraplus.loss import batch_token_losses
 from oloraplus.models import compute_device
 from oloraplus.packing import PackCollator, can_pack, example_bounds, use_packed_attention
@@ -74,8 +74,6 @@ def example_losses(
     def losses_of(share: list[list[int]]) -> list[list[tuple[float, int]]]:
         return [_batch_losses(model, [examples[kept[j]] for j in ids], collate, packed, bf16) for ids in share]
 
-    if onednn is None:
-        onednn = onednn_linears_pay() or "none"
     with linears_in_onednn(model, "none" if bf16 else onednn):
         shared = ranks.map_shared(losses_of, batches)
     for ids, results in zip(batches, shared):
