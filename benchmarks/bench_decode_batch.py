@@ -9,6 +9,7 @@ decoder's, and per side the decode steps, the rows each carried, the share of pa
 positions they attended over, and the seconds spent in decode steps against the rest (prefills and
 the decoder's own work between steps). `--by_rows` adds, per side, the decode steps' time and
 answer tokens/s by the rows they carried: where a schedule loses, and what a step costs at its rows.
+`--splits 0,0.9` runs ours at each share `generation.SPLIT` (when a refill's prompts start a row group of their own).
 
     python benchmarks/bench_decode_batch.py --n 64 --batch_sizes 16,32,64 --threads 1
 """
@@ -64,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", help="a run folder: answer with its base + merged adapter, as the run did [the base model]")
     p.add_argument("--repeats", type=int, default=1, help="tries of every side, interleaved [1]")
     p.add_argument("--by_rows", action="store_true", help="per side, decode steps' time by the rows they carried")
+    p.add_argument(
+        "--splits", help="ours at each generation.SPLIT given (0: every refill one row group) [the checkout's]"
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -72,11 +76,15 @@ def main(argv: list[str] | None = None) -> int:
     model, tok = answering_model(args.run)
     before = decoder_of(args.before_rev)
     generation.generate_answers(model, tok, test[:2], 4, 2)  # warm-up
-    sides = [("before", before, args.before_batch_size)]
-    sides += [("ours", generation, int(b)) for b in args.batch_sizes.split(",")]
+    sides = [("before", before, args.before_batch_size, None)]
+    splits = [float(s) for s in args.splits.split(",")] if args.splits else [generation.SPLIT]
+    sides += [("ours", generation, int(b), split) for b in args.batch_sizes.split(",") for split in splits]
     reference = None
     forwards = TimedForwards(model)
-    for name, module, batch in sides * args.repeats:
+    for name, module, batch, split in sides * args.repeats:
+        if split is not None:
+            generation.SPLIT = split
+            name = f"ours split {split:g}" if args.splits else name
         forwards.records.clear()
         t0 = time.perf_counter()
         answers, tokens = module.generate_answers(model, tok, test, args.max_new_tokens, batch)

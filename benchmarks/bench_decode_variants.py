@@ -43,6 +43,7 @@ from bench_decode_batch import answering_model, test_records  # noqa: E402
 from common import DEFAULT_DATA, machine_line  # noqa: E402
 
 from oloraplus import packing  # noqa: E402
+from oloraplus.config import EvalConfig  # noqa: E402
 from oloraplus.data import prompt_ids  # noqa: E402
 from oloraplus.generation import greedy_decode  # noqa: E402
 from oloraplus.precision import lean_process  # noqa: E402
@@ -127,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=128, help="test prompts (the first N of our test split) [128]")
     p.add_argument("--max_new_tokens", type=int, default=128)
-    p.add_argument("--batch_size", type=int, default=64, help="the eval batch size (the run's default) [64]")
+    p.add_argument(
+        "--batch_size", type=int, default=EvalConfig().eval_batch_size, help="the eval batch size [the run's default]"
+    )
     p.add_argument("--repeats", type=int, default=2, help="tries of each variant, interleaved [2]")
     p.add_argument("--variants", default="plain,fused,eager,mm,onednn,onednn_head", help="which, in order [all]")
     p.add_argument("--data", default=DEFAULT_DATA)

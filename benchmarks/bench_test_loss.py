@@ -23,6 +23,7 @@ sys.path.insert(0, str(REPO / "src"))  # run from a checkout without installing
 from bench_decode_batch import answering_model, test_records  # noqa: E402
 from common import DEFAULT_DATA, machine_line  # noqa: E402
 
+from oloraplus.config import EvalConfig  # noqa: E402
 from oloraplus.evaluate import corpus_loss, example_losses  # noqa: E402
 from oloraplus.precision import lean_process  # noqa: E402
 
@@ -33,7 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", help="a run folder: its base + merged adapter [the base model]")
     p.add_argument("--n", type=int, default=128, help="test examples (our test split of n) [128]")
-    p.add_argument("--batch_size", type=int, default=64, help="the eval batch size (the run's default) [64]")
+    p.add_argument(
+        "--batch_size", type=int, default=EvalConfig().eval_batch_size, help="the eval batch size [the run's default]"
+    )
     p.add_argument("--max_length", type=int, default=512)
     p.add_argument("--repeats", type=int, default=2, help="tries of each choice, interleaved [2]")
     p.add_argument("--onednn", default="none,all", help=f"linears_in_onednn choices, in order, of {CHOICES}")

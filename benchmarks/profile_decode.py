@@ -6,7 +6,7 @@ answer tokens/s a decoder would reach if everything but its matmuls took no time
 identical fp32 answers leave on this CPU. SmolLM2-135M (fp32 unless --bf16), the longest prompts of
 the data first, as a run answers them:
 
-    python benchmarks/profile_decode.py --n 128 --max_new_tokens 128 --batch_size 64
+    python benchmarks/profile_decode.py --n 128 --max_new_tokens 128
 
 `--run RUN` answers with a run's base + merged adapter and its test prompts, as the run did
 (benchmarks/bench_decode_batch.py's prompts). `--steps A:B` profiles decode steps A to B-1 alone (the
@@ -34,6 +34,7 @@ sys.path.insert(0, str(REPO / "src"))  # run from a checkout without installing
 from bench_decode_batch import TimedForwards, answering_model, test_records  # noqa: E402
 from common import DEFAULT_DATA  # noqa: E402
 
+from oloraplus.config import EvalConfig  # noqa: E402
 from oloraplus.data import load_records, prompt_ids  # noqa: E402
 from oloraplus.generation import greedy_decode  # noqa: E402
 from oloraplus.models import decoder_and_head  # noqa: E402
@@ -58,7 +59,9 @@ def main() -> None:
     p.add_argument("--data", default=DEFAULT_DATA)
     p.add_argument("--n", type=int, default=128, help="prompts (the first n records; with --run the test split of n)")
     p.add_argument("--max_new_tokens", type=int, default=128)
-    p.add_argument("--batch_size", type=int, default=64, help="the eval batch size (the run's default)")
+    p.add_argument(
+        "--batch_size", type=int, default=EvalConfig().eval_batch_size, help="the eval batch size [the run's default]"
+    )
     p.add_argument("--bf16", action="store_true", help="bf16 autocast, frozen weights stored in bf16")
     p.add_argument("--rows", type=int, default=15)
     p.add_argument("--run", help="a run folder: its base + merged adapter, its test prompts [the base model]")

@@ -265,3 +265,42 @@ def test_every_decode_steps_attention_goes_through_the_packed_attentions_sdpa_gr
     hook.remove()
     assert max(groups) > 1
     assert calls.count(1) == model.config.num_hidden_layers * sum(groups)
+
+
+def test_rows_that_fit_count_each_row_at_its_groups_longest_prompt_and_split_where_rows_get_much_shorter():
+    prompts = [[0] * n for n in (20, 19, 8, 7, 7, 6, 6, 6)]
+    # one group: every row counts its longest prompt (20) + extra (10); 130 free positions hold 4 rows
+    assert generation.rows_that_fit(prompts, 130, 8, 10) == [(4, 20)]
+    # 8 + 10 <= 0.8 x (20 + 10) starts a group of its own; 7 + 10 > 0.8 x (8 + 10) joins it: 2 x 30 + 3 x 18 <= 130
+    assert generation.rows_that_fit(prompts, 130, 8, 10, split=0.8) == [(2, 20), (3, 8)]
+    assert generation.rows_that_fit(prompts, 130, 3, 10, split=0.8) == [(2, 20), (1, 8)]  # at most max_rows
+    assert generation.rows_that_fit(prompts, 5, 8, 10, split=0.8) == [(1, 20)]  # one row even past `free`
+    assert generation.rows_that_fit([[0] * 5, [0] * 9], 100, 8, 10) == [(2, 9)]  # a longer prompt widens its group
+
+
+def test_the_first_rows_split_into_groups_by_length_so_more_run_within_the_same_cache_budget(monkeypatch):
+    """One long prompt among short ones: the short ones start a group of their own and more rows fit the budget
+    from the first step, never more cache positions; with no split the first step runs batch_size rows."""
+    model = build_tiny_llama(97, seed=3).eval()
+    prompts = [t["input_ids"] for t in _features([30, 4, 5, 4, 6, 4, 5, 4, 4, 5], seed=5)]
+    batch_size, max_new = 2, 6
+    budget = batch_size * (30 + max_new + min(generation.ROOM, max_new))
+    eos = greedy_decode(model, prompts, max_new, eos_token_id=-1, pad_token_id=2)[3][2]
+    first_steps = {}
+    for split in (0.0, 0.85):
+        monkeypatch.setattr(generation, "SPLIT", split)
+        seen = []
+        hook = model.register_forward_hook(
+            lambda _, args, kwargs, out, seen=seen: seen.append(
+                (kwargs["input_ids"].shape, _held_positions(kwargs["cache"]))
+            ),
+            with_kwargs=True,
+        )
+        ours = greedy_decode(model, prompts, max_new, eos_token_id=eos, pad_token_id=2, batch_size=batch_size)
+        hook.remove()
+        steps = [(shape[0], held, groups) for shape, (held, groups) in seen if shape[1] == 1]
+        first_steps[split] = steps[0]
+        assert max(held for _, held, _ in steps) <= budget
+        assert ours == [_generate_one(model, p, max_new, eos) for p in prompts]
+    assert first_steps[0.0][0] == batch_size and first_steps[0.0][2] == 1
+    assert first_steps[0.85][0] > batch_size and first_steps[0.85][2] > 1
