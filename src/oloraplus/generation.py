@@ -260,7 +260,8 @@ def greedy_decode(
     ends, and once a quarter of the cache budget is free the waiting prompts join:
     generate keeps computing finished rows until a batch's longest answer ends, so most
     of its steps run a nearly empty batch. The prompts that join together form a row
-    group with its own KV cache, left-padded to its own longest prompt (`RowGroup`); every
+    group with its own KV cache, left-padded to its own longest prompt (`RowGroup`), or
+    several where their lengths fall off (`rows_that_fit`, `SPLIT`); every
     group runs through the same decode step, its attention over its own cache
     (`GroupedKeys`). The budget is the cache positions of `batch_size` rows of the longest
     prompt, each row counted at the most it can come to hold, so as the waiting prompts get
