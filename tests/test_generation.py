@@ -169,7 +169,7 @@ def test_the_running_batch_grows_past_batch_size_as_prompts_shorten_within_the_f
     prompts = [t["input_ids"] for t in _features([30, 4, 5, 4, 6, 4, 5, 4, 4, 5], seed=5)]
     batch_size, max_new = 2, 6
     room = min(generation.ROOM, max_new)
-    budget = batch_size * (30 + max_new + room)
+    budget = round(batch_size * generation.GROUPED_ROWS) * (30 + max_new + room)  # row groups' budget
     seen = []
     hook = model.register_forward_hook(
         lambda _, args, kwargs, out: seen.append((kwargs["input_ids"].shape, _held_positions(kwargs["cache"]))),
@@ -222,6 +222,7 @@ def test_a_sliding_window_model_takes_larger_batches_of_shorter_prompts_and_keep
     seen.clear()
     ours = greedy_decode(model, prompts, 6, eos_token_id=eos, pad_token_id=2, batch_size=2)
     hook.remove()
+    assert seen[0] == 2  # batch_size rows of the longest prompts: no row groups, so not GROUPED_ROWS times that
     assert max(seen) > 2
     assert ours == [_generate_one(model, p, 6, eos) for p in prompts]
 
@@ -280,11 +281,12 @@ def test_rows_that_fit_count_each_row_at_its_groups_longest_prompt_and_split_whe
 
 def test_the_first_rows_split_into_groups_by_length_so_more_run_within_the_same_cache_budget(monkeypatch):
     """One long prompt among short ones: the short ones start a group of their own and more rows fit the budget
-    from the first step, never more cache positions; with no split the first step runs batch_size rows."""
+    from the first step, never more cache positions; with no split the first step runs the budget's rows."""
     model = build_tiny_llama(97, seed=3).eval()
     prompts = [t["input_ids"] for t in _features([30, 4, 5, 4, 6, 4, 5, 4, 4, 5], seed=5)]
     batch_size, max_new = 2, 6
-    budget = batch_size * (30 + max_new + min(generation.ROOM, max_new))
+    budget_rows = round(batch_size * generation.GROUPED_ROWS)  # 3: where row groups run
+    budget = budget_rows * (30 + max_new + min(generation.ROOM, max_new))
     eos = greedy_decode(model, prompts, max_new, eos_token_id=-1, pad_token_id=2)[3][2]
     first_steps = {}
     for split in (0.0, 0.85):
@@ -302,5 +304,5 @@ def test_the_first_rows_split_into_groups_by_length_so_more_run_within_the_same_
         first_steps[split] = steps[0]
         assert max(held for _, held, _ in steps) <= budget
         assert ours == [_generate_one(model, p, max_new, eos) for p in prompts]
-    assert first_steps[0.0][0] == batch_size and first_steps[0.0][2] == 1
-    assert first_steps[0.85][0] > batch_size and first_steps[0.85][2] > 1
+    assert first_steps[0.0][0] == budget_rows and first_steps[0.0][2] == 1
+    assert first_steps[0.85][0] > budget_rows and first_steps[0.85][2] > 1

@@ -165,8 +165,8 @@ class EvalConfig:
     max_new_tokens: int = _help("longest generated answer, in tokens", default=128)
     eval_batch_size: int = _help(
         "generation / eval-loss batch size (more rows decode faster on a CPU, and their KV cache needs more "
-        "memory: docs/benchmarks.md; 96 since 2026-12-08, 64 before)",
-        default=96,
+        "memory: docs/benchmarks.md; where row groups decode, the cache holds 1.5 times as many rows)",
+        default=64,
     )
     precision: str = _help(
         "test loss and answers in bf16 (autocast), fp32, or auto (fp32 on a CPU, where bf16 answers measured "

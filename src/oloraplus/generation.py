@@ -38,6 +38,14 @@ MAX_ROWS_FACTOR = 4
 # each, padding 16% -> 3% of the positions attended, 1.03x answer tokens/s in both tries, every answer identical.
 SPLIT = 0.9
 
+# Where row groups run, the cache budget counts this many times `batch_size` rows of the longest prompt. Zen 4, the
+# same 500 answers, every one identical: 64 -> 96 rows 1.09x and 1.10x answer tokens/s (bench_decode_batch.py
+# --splits 0,0.9), and the whole protocol run's peak 2.47 -> 2.54 GiB (bench_protocol.sh). Only there: a model
+# decoded one group at a time (Gemma 3's sliding layers) keeps `batch_size`, whose answers at 96 rows peaked at
+# 5.11 GB against 4.37 at 64 (`oloraplus evaluate --model gemma3-270m`, 500 base-model answers), over the 5 GB
+# that the lean-runs issue allows a 262k vocabulary.
+GROUPED_ROWS = 1.5
+
 
 class ReservedLayer(DynamicLayer):
     """A DynamicLayer that writes new tokens into room reserved ahead (`room` positions at a time).
@@ -264,8 +272,9 @@ def greedy_decode(
     several where their lengths fall off (`rows_that_fit`, `SPLIT`); every
     group runs through the same decode step, its attention over its own cache
     (`GroupedKeys`). The budget is the cache positions of `batch_size` rows of the longest
-    prompt, each row counted at the most it can come to hold, so as the waiting prompts get
-    shorter more rows run (up to MAX_ROWS_FACTOR times `batch_size`). A model whose cache
+    prompt (GROUPED_ROWS times that where row groups run), each row counted at the most it can
+    come to hold, so as the waiting prompts get shorter more rows run (up to MAX_ROWS_FACTOR
+    times as many). A model whose cache
     layers cannot be split that way (sliding windows) or that cannot run the packed
     attention decodes one group at a time.
     `onednn`: which Linears answer through oneDNN (`linears_in_onednn`; None: where it measured faster).
@@ -421,8 +430,9 @@ def _decode(
         use_packed_attention(model)  # its unpacked path is transformers' SDPA: decode steps are unchanged
     room = min(ROOM, max_new_tokens)
     extra = max_new_tokens + room
-    budget = batch_size * (max(len(p) for p in prompts) + extra)  # cache positions
-    max_rows = MAX_ROWS_FACTOR * batch_size
+    budget_rows = round(batch_size * (GROUPED_ROWS if packed else 1))
+    budget = budget_rows * (max(len(p) for p in prompts) + extra)  # cache positions
+    max_rows = MAX_ROWS_FACTOR * budget_rows
     while True:
         free = budget - sum(len(group) * group.reserve for group in groups)
         # refill once a quarter of the budget is free: a decode step costs nearly the same at 16 rows as at 64
