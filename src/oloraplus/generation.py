@@ -33,7 +33,7 @@ MAX_ROWS_FACTOR = 4
 # rows_that_fit: a joining prompt starts a row group of its own where its row would count at most this share of the
 # group's rows (each counted at its group's longest prompt + answer + room). The first rows of a run, the longest
 # prompts, spread widely (the 500 test prompts: 211, 209, 156, ... among the first 64): one group padded to the
-# longest holds fewer rows in the budget than tighter groups. Zen 4, eval batch 96, 500 answers of a tuned
+# longest holds fewer rows in the budget than tighter groups. Zen 4, 96 rows' budget, 500 answers of a tuned
 # SmolLM2-135M, fp32 (benchmarks/bench_decode_batch.py --splits 0,0.9): 266 -> 256 decode steps, 97.1 -> 100.9 rows
 # each, padding 16% -> 3% of the positions attended, 1.03x answer tokens/s in both tries, every answer identical.
 SPLIT = 0.9
