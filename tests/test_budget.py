@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from oloraplus import generation
 from oloraplus.budget import activation_bytes_per_token, plan_memory
 from oloraplus.cli import main
 from oloraplus.errors import OLoRAPlusError
@@ -54,6 +55,13 @@ def test_a_tighter_budget_turns_checkpointing_on_and_eval_batches_shrink():
     roomy, tight = _plan(12), _plan(7)
     assert tight.gradient_checkpointing and tight.micro_batch_tokens >= 512
     assert tight.eval_batch_size < roomy.eval_batch_size and tight.estimated_peak_gb <= 7
+
+
+def test_the_plan_counts_the_row_group_decoders_larger_cache(monkeypatch):
+    """generation.GROUPED_ROWS times the eval batch's rows sit in the answers' cache: a budget fits fewer rows."""
+    counted = _plan(7).eval_batch_size
+    monkeypatch.setattr(generation, "GROUPED_ROWS", 1.0)
+    assert counted < _plan(7).eval_batch_size
 
 
 def test_no_budget_changes_nothing():

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from oloraplus import generation
 from oloraplus.errors import OLoRAPlusError
 
 GB = 1 << 30
@@ -95,9 +96,13 @@ def plan_memory(
     wanted = micro_batch_tokens if micro_batch_tokens > 0 else batch_size * max_length
     wanted = max(wanted, max_length)
 
+    # the row-group decoder keeps GROUPED_ROWS times the eval batch's rows in its cache: counted for every model
+    # (one that decodes without row groups keeps fewer, so the plan errs on the safe side there)
+    per_eval_row = generation.GROUPED_ROWS * eval_bytes_per_example(model, max_length, max_new_tokens)
+
     def peak(tokens: int, checkpointing: bool, eval_batch: int) -> float:
         train = fixed + tokens * activation_bytes_per_token(model, checkpointing)
-        return max(train, fixed + eval_batch * eval_bytes_per_example(model, max_length, max_new_tokens))
+        return max(train, fixed + eval_batch * per_eval_row)
 
     if max_memory_gb <= 0:
         return MemoryPlan(micro_batch_tokens, False, eval_batch_size, peak(wanted, False, eval_batch_size) / GB)
@@ -109,7 +114,7 @@ def plan_memory(
             tokens = min(wanted, fit)
             if not checkpointing and tokens < min(MIN_PACK_TOKENS, wanted):
                 continue
-            eval_fit = int((budget - fixed) // eval_bytes_per_example(model, max_length, max_new_tokens))
+            eval_fit = int((budget - fixed) // per_eval_row)
             eval_batch = max(1, min(eval_batch_size, eval_fit))
             return MemoryPlan(tokens, checkpointing, eval_batch, peak(tokens, checkpointing, eval_batch) / GB)
     need = (fixed + max_length * activation_bytes_per_token(model, True)) / GB
