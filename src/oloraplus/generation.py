@@ -390,9 +390,9 @@ def rows_that_fit(
     """How many of `prompts` (longest first) join within `free` cache positions, as groups: [(rows, longest prompt)].
 
     Each row counts at its group's longest prompt + `extra`. A prompt starts a group of its own where its row
-    would cost at most `split` of the current group's (0: one group): the first prompts of a run's longest-first order spread
-    widely (211 down to 80 tokens on the 500 test prompts), and one group padded to the longest of them fit 64
-    rows in the budget where tighter groups fit more. At least one row (the caller checks it runs alone).
+    would cost at most `split` of the current group's (0: one group): the first prompts of a run's longest-first
+    order spread widely (211 down to 80 tokens on the 500 test prompts), and one group padded to the longest of
+    them fits fewer rows in the budget than tighter groups. At least one row (the caller checks it runs alone).
     """
     groups: list[tuple[int, int]] = []
     for prompt in prompts[:max_rows]:
