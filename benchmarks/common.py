@@ -13,13 +13,10 @@ DEFAULT_DATA = os.environ.get("OLORAPLUS_DATA") or str(
 
 
 def machine_line() -> str:
-    """The CPU (name, family, model), torch's threads and the load average: every figure is read with them."""
+    """The device as a run records it (precision.device_name), torch's threads and the load average: every figure
+    is read with them."""
     import torch
 
-    from oloraplus.precision import cpu_info  # late: each script puts the src it measures on the path first
+    from oloraplus.precision import device_name  # late: each script puts the src it measures on the path first
 
-    info = cpu_info()
-    return (
-        f"{info.get('model name', '?')} (family {info.get('cpu family', '?')} model {info.get('model', '?')}), "
-        f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}"
-    )
+    return f"{device_name()}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}"

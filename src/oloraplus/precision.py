@@ -18,6 +18,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import os
+import platform
 import sys
 from pathlib import Path
 
@@ -78,6 +79,22 @@ def cpu_info() -> dict[str, str]:
     except OSError:
         return {}
     return {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in text.splitlines()) if _}
+
+
+def device_name() -> str:
+    """What trained the run: the GPU's name, or the CPU's kind.
+
+    Both CPU kinds of this project call themselves "AMD EPYC"; their family/model and the
+    vector units torch dispatches to (AVX2 against AVX512, native bf16 or not) tell them apart,
+    and a report pairs runs only across the same kind.
+    """
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    info = cpu_info()
+    flags = set(info.get("flags", "").split())
+    units = torch.backends.cpu.get_cpu_capability() + (" + AVX512_BF16" if "avx512_bf16" in flags else "")
+    kind = f"family {info['cpu family']} model {info['model']}; " if "cpu family" in info and "model" in info else ""
+    return f"cpu: {info.get('model name', platform.processor() or '?')} ({kind}{units})"
 
 
 def _checked(requested: str, supported: bool, what: str) -> bool | None:

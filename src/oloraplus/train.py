@@ -12,7 +12,6 @@ import contextlib
 import gc
 import math
 import os
-import platform
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ from oloraplus.optim import loraplus_optimizer
 from oloraplus.packing import PackCollator, can_pack, is_packed, split_packed, use_packed_attention
 from oloraplus.precision import (
     autocast_context,
-    cpu_info,
+    device_name,
     lean_process,
     return_freed_memory,
     store_frozen_weights_bf16,
@@ -116,22 +115,6 @@ class OLoRAPlusTrainer(Trainer):
         if num_items_in_batch is None:
             return token_loss.mean()
         return token_loss.sum() / num_items_in_batch
-
-
-def device_name() -> str:
-    """What trained the run: the GPU's name, or the CPU's kind.
-
-    Both CPU kinds of this project call themselves "AMD EPYC"; their family/model and the
-    vector units torch dispatches to (AVX2 against AVX512, native bf16 or not) tell them apart,
-    and a report pairs runs only across the same kind.
-    """
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    info = cpu_info()
-    flags = set(info.get("flags", "").split())
-    units = torch.backends.cpu.get_cpu_capability() + (" + AVX512_BF16" if "avx512_bf16" in flags else "")
-    kind = f"family {info['cpu family']} model {info['model']}; " if "cpu family" in info and "model" in info else ""
-    return f"cpu: {info.get('model name', platform.processor() or '?')} ({kind}{units})"
 
 
 @dataclass
