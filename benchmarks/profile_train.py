@@ -21,7 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))  # run from a checkout without installing
 
-from common import DEFAULT_DATA  # noqa: E402
+from common import DEFAULT_DATA, matmul_kind  # noqa: E402
 
 from oloraplus import train  # noqa: E402
 from oloraplus.cli import main  # noqa: E402
@@ -29,11 +29,12 @@ from oloraplus.cli import main  # noqa: E402
 FIRST, LAST, ROWS = 4, 12, 40
 
 
-def matmul_kind(shapes: list[list[int]]) -> str:
-    dims = [d for shape in shapes[:2] for d in shape]
-    if max(dims) >= 32768:
-        return "LM head"
-    return "adapters (a dim <= 64)" if min(dims) <= 64 else "base projections"
+LABELS = {"head": "LM head", "adapter": "adapters (a dim <= 64)", "base": "base projections"}
+
+
+def matmul_label(shapes: list[list[int]]) -> str:
+    (m, k), (_, n) = shapes[:2]
+    return LABELS[matmul_kind(m, k, n)]
 
 
 def print_matmuls_by_kind(profiler) -> None:
@@ -43,7 +44,7 @@ def print_matmuls_by_kind(profiler) -> None:
         shapes = event.input_shapes
         if event.key != "aten::mm" or len(shapes) < 2 or len(shapes[0]) != 2 or len(shapes[1]) != 2:
             continue
-        total = kinds.setdefault(matmul_kind(shapes), [0.0, 0.0])  # self seconds, FLOPs
+        total = kinds.setdefault(matmul_label(shapes), [0.0, 0.0])  # self seconds, FLOPs
         total[0] += event.self_cpu_time_total / 1e6
         total[1] += 2 * shapes[0][0] * shapes[0][1] * shapes[1][1] * event.count
     for kind, (seconds, flops) in sorted(kinds.items(), key=lambda kv: -kv[1][0]):

@@ -27,7 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))  # run from a checkout without installing
 
-from common import DEFAULT_DATA, machine_line  # noqa: E402
+from common import DEFAULT_DATA, machine_line, matmul_kind  # noqa: E402
 
 from oloraplus.adapters import attach_adapter  # noqa: E402
 from oloraplus.data import tokenize_records  # noqa: E402
@@ -73,12 +73,11 @@ def _fresh(described):
     return tensor.normal_(0, 0.5) if dtype.is_floating_point else tensor.zero_()
 
 
-def matmul_kind(func, args) -> tuple[str, int]:
-    """base / adapter / head, and the call's FLOPs."""
+def kind_and_flops(func, args) -> tuple[str, int]:
+    """base / adapter / head (common.matmul_kind), and the call's FLOPs."""
     x, w = (args[1], args[2]) if func is aten.addmm.default else (args[0], args[1])
     m, k, n = x.shape[0], x.shape[1], w.shape[1]
-    kind = "head" if max(m, k, n) >= 32768 else "adapter" if min(m, k, n) <= 64 else "base"
-    return kind, 2 * m * k * n
+    return matmul_kind(m, k, n), 2 * m * k * n
 
 
 def replay(calls) -> dict[str, list[float]]:
@@ -89,7 +88,7 @@ def replay(calls) -> dict[str, list[float]]:
         t0 = time.perf_counter()
         func(*a, **k)
         seconds = time.perf_counter() - t0
-        kind, flops = matmul_kind(func, a) if func in MATMULS else ("attention", 0)
+        kind, flops = kind_and_flops(func, a) if func in MATMULS else ("attention", 0)
         entry = totals.setdefault(kind, [0.0, 0.0])
         entry[0] += seconds
         entry[1] += flops
